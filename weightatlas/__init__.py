@@ -1,0 +1,63 @@
+"""weightatlas: see what a neural network's weights are doing, whatever framework it came from.
+
+The layers, in the direction data flows:
+
+- :mod:`weightatlas.adapters` read model files into tensor records;
+- :mod:`weightatlas.storage` keeps them as immutable, memory-mapped Arrow snapshots;
+- :mod:`weightatlas.core` computes against the store;
+- :mod:`weightatlas.viz` turns results into Altair charts.
+
+Importing this package imports no framework (torch, jax, onnx): adapters import
+theirs when they are used.
+
+Example:
+    >>> import weightatlas as wa
+    >>> store = wa.open_store("/tmp/wa_doc_store")
+    >>> sorted(store.models()) == store.models()
+    True
+"""
+
+from __future__ import annotations
+
+from weightatlas._api import default_model_name, ingest, open_store
+from weightatlas._version import __version__
+from weightatlas.errors import (
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    PathEscapeError,
+    ResourceLimitError,
+    ShapeError,
+    SnapshotExistsError,
+    StoreError,
+    UnsafeInputError,
+    UnsupportedError,
+    WeightAtlasError,
+)
+from weightatlas.storage import Snapshot, SnapshotInfo, Store, TensorInfo, TensorRecord
+
+__all__ = [
+    "__version__",
+    # Entry points
+    "default_model_name",
+    "ingest",
+    "open_store",
+    # Store
+    "Snapshot",
+    "SnapshotInfo",
+    "Store",
+    "TensorInfo",
+    "TensorRecord",
+    # Errors
+    "FormatError",
+    "IntegrityError",
+    "NotFoundError",
+    "PathEscapeError",
+    "ResourceLimitError",
+    "ShapeError",
+    "SnapshotExistsError",
+    "StoreError",
+    "UnsafeInputError",
+    "UnsupportedError",
+    "WeightAtlasError",
+]

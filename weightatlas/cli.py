@@ -1,0 +1,318 @@
+"""The ``weightatlas`` command line: a thin layer over the Python API.
+
+Each command calls one documented function (``weightatlas.ingest``,
+``Store.snapshots``, ``Snapshot.read``, ``Store.verify``, ``Store.rm``) and formats
+its result. Errors print one line and exit with status 1 (``--debug`` shows the
+traceback); listing commands take ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Annotated, Any, NoReturn
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from weightatlas._api import default_model_name, ingest
+from weightatlas.errors import StoreError, WeightAtlasError
+from weightatlas.storage import Snapshot, Store, parse_ref
+
+app = typer.Typer(
+    name="weightatlas",
+    help="See what a neural network's weights are doing: ingest weights into an Arrow "
+    "store, list, show and verify them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state: dict[str, Any] = {"store": None, "debug": False}
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="WEIGHTATLAS_STORE", help="Store directory "
+                 "[default: ./weightatlas_store].", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.callback()
+def _main(
+    store: StoreOpt = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _state["store"] = store
+    _state["debug"] = debug
+
+
+def _store(create: bool = False) -> Store:
+    return Store(_state["store"], create=create)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _step_from_path(path: str) -> int | None:
+    """The last number in a checkpoint's path (``checkpoint-1200/model.safetensors`` -> 1200)."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    for part in reversed(parts):
+        numbers = re.findall(r"\d+", part)
+        if numbers:
+            return int(numbers[-1])
+    return None
+
+
+@app.command("ingest")
+def ingest_cmd(
+    paths: Annotated[list[str], typer.Argument(help="Weight files or checkpoint folders.",
+                                               show_default=False)],
+    model: Annotated[str | None, typer.Option(help="Model name [default: from the file "
+                                                   "name].", show_default=False)] = None,
+    step: Annotated[int | None, typer.Option(help="Training step of the snapshot.",
+                                             show_default=False)] = None,
+    tag: Annotated[str | None, typer.Option(help="Tag instead of a step (best, final...).",
+                                            show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing snapshot.")] = False,
+    chunk_mb: Annotated[int, typer.Option(help="Split tensors larger than this (MiB).")] = 512,
+) -> None:
+    """Ingest weight files into the store, one snapshot per path.
+
+    With several paths and --model, each path is a snapshot of that model whose step
+    is the last number in its path (checkpoint-1200 -> step 1200).
+    """
+    if step is not None and tag is not None:
+        raise StoreError("give --step or --tag, not both")
+    if len(paths) > 1 and (step is not None or tag is not None):
+        raise StoreError("--step/--tag name one snapshot; give one path, or several paths "
+                         "with --model and steps in their names")
+    jobs: list[tuple[str, str, int | None, str | None]] = []
+    for path in paths:
+        if len(paths) > 1 and model is not None:
+            found = _step_from_path(path)
+            if found is None:
+                raise StoreError(f"{path}: no step number in the path; ingest it alone with "
+                                 "--step or --tag")
+            jobs.append((path, model, found, None))
+        else:
+            jobs.append((path, model or default_model_name(path), step, tag))
+    store = _store(create=True)
+    for path, name, st, tg in jobs:
+        _ingest_one(store, path, name, st, tg, overwrite, chunk_mb * 1024 * 1024)
+
+
+def _ingest_one(store: Store, path: str, model: str, step: int | None, tag: str | None,
+                overwrite: bool, chunk_bytes: int) -> None:
+    started = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(phase: str, nbytes: int, total: int) -> None:
+            if phase not in tasks:
+                label = "checking" if phase == "read" else "writing "
+                tasks[phase] = bar.add_task(f"{label} {os.path.basename(path)}", total=total)
+            bar.advance(tasks[phase], nbytes)
+
+        snap = ingest(path, store=store, model=model, step=step, tag=tag, overwrite=overwrite,
+                      chunk_bytes=chunk_bytes, progress=progress)
+    seconds = time.perf_counter() - started
+    meta = snap.metadata
+    out.print(f"ingested {path} -> {snap.ref}: {meta['n_tensors']} tensors, "
+              f"{meta['n_params']:,} values, {_human(meta['nbytes'])} in {seconds:.2f} s "
+              f"({_human(meta['nbytes'] / max(seconds, 1e-9))}/s)")
+    snap.close()
+
+
+@app.command("ls")
+def ls_cmd(
+    model: Annotated[str | None, typer.Argument(help="List this model's snapshots.",
+                                                show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List models, or the snapshots of one model."""
+    store = _store()
+    if model is not None:
+        name, _, _ = parse_ref(model)
+        infos = store.snapshots(name)
+        if not infos:
+            store.resolve(model=name)  # raises a NotFoundError that lists the models
+        if as_json:
+            _print_json([i.as_dict() for i in infos])
+            return
+        table = Table("snapshot", "tensors", "values", "bytes", "framework", "source",
+                      "created", box=None)
+        for i in infos:
+            table.add_row(i.ref, str(i.n_tensors), f"{i.n_params:,}", _human(i.nbytes),
+                          i.framework, i.source_file, i.created[:19])
+        out.print(table)
+        return
+    rows = []
+    for name in store.models():
+        infos = store.snapshots(name)
+        latest = infos[-1]
+        rows.append({"model": name, "snapshots": len(infos), "latest": latest.ref,
+                     "n_tensors": latest.n_tensors, "n_params": latest.n_params,
+                     "nbytes": sum(i.file_size for i in infos)})
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        err.print(f"{store.root}: no models yet (weightatlas ingest PATH)")
+        return
+    table = Table("model", "snapshots", "latest", "tensors", "values", "on disk", box=None)
+    for r in rows:
+        table.add_row(r["model"], str(r["snapshots"]), r["latest"], str(r["n_tensors"]),
+                      f"{r['n_params']:,}", _human(r["nbytes"]))
+    out.print(table)
+
+
+@app.command("show")
+def show_cmd(
+    ref: Annotated[str, typer.Argument(help="MODEL[@STEP|@TAG] (latest when no step).",
+                                       show_default=False)],
+    tensor: Annotated[str | None, typer.Argument(help="Show this tensor.",
+                                                 show_default=False)] = None,
+    as_json: JsonOpt = False,
+    source_layout: Annotated[bool, typer.Option(
+        "--source-layout", help="Show values in the source file's layout.")] = False,
+) -> None:
+    """Show a snapshot's tensors with their statistics, or one tensor."""
+    with _store().snapshot(ref) as snap:
+        if tensor is None:
+            _show_snapshot(snap, as_json)
+        else:
+            _show_tensor(snap, tensor, as_json, source_layout)
+
+
+def _show_snapshot(snap: Snapshot, as_json: bool) -> None:
+    rows = snap.tensors().to_pylist()
+    if as_json:
+        _print_json({"snapshot": snap.ref, "metadata": snap.metadata, "tensors": rows})
+        return
+    meta = snap.metadata
+    out.print(f"[bold]{snap.ref}[/bold]  {meta['framework']} from {meta['source_file']}  "
+              f"{meta['n_tensors']} tensors, {meta['n_params']:,} values, "
+              f"{_human(meta['nbytes'])}")
+    table = Table("tensor", "kind", "dtype", "shape", "mean", "std", "abs max", "zero",
+                  "nan/inf", box=None)
+    for r in rows:
+        bad = f"{r['n_nan']}/{r['n_inf']}" if r["n_nan"] or r["n_inf"] else ""
+        table.add_row(r["name"], r["kind"], r["dtype"], "×".join(map(str, r["shape"])) or "()",
+                      _fmt(r["mean"]), _fmt(r["std"]), _fmt(r["abs_max"]),
+                      f"{r['frac_zero']:.0%}" if r["frac_zero"] else "", bad)
+    out.print(table)
+
+
+def _show_tensor(snap: Snapshot, name: str, as_json: bool, source_layout: bool) -> None:
+    info = snap.info(name)
+    values = snap.read(name, layout="source" if source_layout else "canonical")
+    if as_json:
+        doc = dict(info.__dict__)
+        doc["attrs"] = json.loads(info.attrs)
+        doc["snapshot"] = snap.ref
+        _print_json(doc)
+        return
+    out.print(f"[bold]{info.name}[/bold] in {snap.ref} ({info.source_name} in the source)")
+    out.print(f"  kind {info.kind}, dtype {info.dtype}, shape {list(info.shape)} "
+              f"[{', '.join(info.layout)}], source layout [{', '.join(info.source_layout)}]")
+    out.print(f"  mean {_fmt(info.mean)}  std {_fmt(info.std)}  min {_fmt(info.min)}  "
+              f"max {_fmt(info.max)}  abs max {_fmt(info.abs_max)}  l2 {_fmt(info.l2)}")
+    out.print(f"  zeros {info.frac_zero:.2%}  NaN {info.n_nan}  Inf {info.n_inf}  "
+              f"{info.n_chunks} chunk(s), {_human(info.nbytes)}")
+    shown = values if values.dtype.kind in "fiub" else values.astype(np.float32)
+    out.print(np.array2string(shown, threshold=64, edgeitems=3, precision=4), markup=False)
+
+
+@app.command("verify")
+def verify_cmd(
+    ref: Annotated[str | None, typer.Argument(help="MODEL[@STEP] (default: everything).",
+                                              show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute every checksum; exit 1 if any snapshot is damaged."""
+    results = _store().verify(ref)
+    if as_json:
+        _print_json([{"snapshot": k, "ok": not v, "problems": v} for k, v in results.items()])
+    else:
+        for key, problems in results.items():
+            out.print(f"{key}: " + ("ok" if not problems else "DAMAGED"))
+            for p in problems:
+                out.print(f"  {p}", markup=False)
+    if any(results.values()):
+        raise typer.Exit(1)
+
+
+@app.command("rm")
+def rm_cmd(
+    ref: Annotated[str, typer.Argument(help="MODEL@STEP for one snapshot, MODEL for all.",
+                                       show_default=False)],
+) -> None:
+    """Remove a snapshot, or a model with all its snapshots."""
+    for path in _store().rm(ref):
+        out.print(f"removed {path}")
+
+
+@app.command("gc")
+def gc_cmd() -> None:
+    """Remove staging files left behind by interrupted writers."""
+    removed = _store().gc()
+    out.print(f"removed {len(removed)} leftover staging file(s)")
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"error: {message}", markup=False)
+    raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``weightatlas`` command."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except WeightAtlasError as e:
+        if _state["debug"]:
+            raise
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
