@@ -16,8 +16,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from weightatlas.errors import SnapshotExistsError  # noqa: E402
-from weightatlas.storage import RecordsSource, Store, TensorRecord  # noqa: E402
+from weightatlas.errors import SnapshotExistsError
+from weightatlas.storage import RecordsSource, Store, TensorRecord
 
 
 def main() -> int:

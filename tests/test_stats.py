@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from weightatlas.storage import RecordsSource, Store, TensorRecord, tensor_stats
-from weightatlas.storage import _stats
+from weightatlas.storage import RecordsSource, Store, TensorRecord, _stats, tensor_stats
 
 
 def reference(a: np.ndarray) -> dict:

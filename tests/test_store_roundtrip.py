@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import ml_dtypes
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -209,7 +208,8 @@ def test_duplicate_names_in_a_source_are_refused(store: Store):
 
 def test_missing_tensor_suggests_close_names(store: Store):
     snap = store.write(RecordsSource([TensorRecord("fc1.weight", np.zeros(2))]), "m")
-    with pytest.raises(NotFoundError, match="no tensor 'fc1.weights'; did you mean 'fc1.weight'"):
+    with pytest.raises(NotFoundError,
+                       match=r"no tensor 'fc1\.weights'; did you mean 'fc1\.weight'"):
         snap.read("fc1.weights")
 
 

@@ -50,7 +50,8 @@ def train_digits_mlp(out_dir: str, steps: tuple[int, ...] = STEPS, seed: int = 0
         accuracy = float(clf.score(x_test, y_test))
         tensors = {}
         for i, (w, b) in enumerate(zip(clf.coefs_, clf.intercepts_, strict=True), start=1):
-            # scikit-learn keeps [in, out]; PyTorch layout (what safetensors files hold) is [out, in].
+            # scikit-learn keeps [in, out]; PyTorch layout, which safetensors files hold,
+            # is [out, in].
             tensors[f"fc{i}.weight"] = np.ascontiguousarray(w.T, dtype=np.float32)
             tensors[f"fc{i}.bias"] = b.astype(np.float32)
         path = os.path.join(out_dir, "checkpoints", f"step-{step}", "model.safetensors")

@@ -42,8 +42,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup=False: tensor names and paths are printed literally, brackets and all.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 _state: dict[str, Any] = {"store": None, "debug": False}
 
 StoreOpt = Annotated[
@@ -183,7 +184,7 @@ def ls_cmd(
                           i.framework, i.source_file, i.created[:19])
         out.print(table)
         return
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in store.models():
         infos = store.snapshots(name)
         latest = infos[-1]
@@ -227,7 +228,7 @@ def _show_snapshot(snap: Snapshot, as_json: bool) -> None:
         _print_json({"snapshot": snap.ref, "metadata": snap.metadata, "tensors": rows})
         return
     meta = snap.metadata
-    out.print(f"[bold]{snap.ref}[/bold]  {meta['framework']} from {meta['source_file']}  "
+    out.print(f"{snap.ref}  {meta['framework']} from {meta['source_file']}  "
               f"{meta['n_tensors']} tensors, {meta['n_params']:,} values, "
               f"{_human(meta['nbytes'])}")
     table = Table("tensor", "kind", "dtype", "shape", "mean", "std", "abs max", "zero",
@@ -249,7 +250,7 @@ def _show_tensor(snap: Snapshot, name: str, as_json: bool, source_layout: bool) 
         doc["snapshot"] = snap.ref
         _print_json(doc)
         return
-    out.print(f"[bold]{info.name}[/bold] in {snap.ref} ({info.source_name} in the source)")
+    out.print(f"{info.name} in {snap.ref} ({info.source_name} in the source)")
     out.print(f"  kind {info.kind}, dtype {info.dtype}, shape {list(info.shape)} "
               f"[{', '.join(info.layout)}], source layout [{', '.join(info.source_layout)}]")
     out.print(f"  mean {_fmt(info.mean)}  std {_fmt(info.std)}  min {_fmt(info.min)}  "
@@ -257,7 +258,7 @@ def _show_tensor(snap: Snapshot, name: str, as_json: bool, source_layout: bool) 
     out.print(f"  zeros {info.frac_zero:.2%}  NaN {info.n_nan}  Inf {info.n_inf}  "
               f"{info.n_chunks} chunk(s), {_human(info.nbytes)}")
     shown = values if values.dtype.kind in "fiub" else values.astype(np.float32)
-    out.print(np.array2string(shown, threshold=64, edgeitems=3, precision=4), markup=False)
+    out.print(np.array2string(shown, threshold=64, edgeitems=3, precision=4))
 
 
 @app.command("verify")
@@ -274,7 +275,7 @@ def verify_cmd(
         for key, problems in results.items():
             out.print(f"{key}: " + ("ok" if not problems else "DAMAGED"))
             for p in problems:
-                out.print(f"  {p}", markup=False)
+                out.print(f"  {p}")
     if any(results.values()):
         raise typer.Exit(1)
 
@@ -297,7 +298,7 @@ def gc_cmd() -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(f"error: {message}", markup=False)
+    err.print(f"error: {message}")
     raise SystemExit(1)
 
 

@@ -7,14 +7,6 @@ This layer imports no other weightatlas layer. Adapters hand it
 
 from __future__ import annotations
 
-# Store and snapshots
-from weightatlas.storage._snapshot import Snapshot, TensorInfo
-from weightatlas.storage._store import DEFAULT_STORE, SnapshotInfo, Store, parse_ref
-
-# What adapters produce
-from weightatlas.storage._record import KINDS, TensorRecord, split_name, to_source_layout
-from weightatlas.storage._source import RecordsSource, SourceFile, TensorSource
-
 # Format facts
 from weightatlas.storage._dtypes import DTYPES, dtype_from_name, dtype_name
 from weightatlas.storage._format import (
@@ -24,7 +16,15 @@ from weightatlas.storage._format import (
     INFO_COLUMNS,
     SCHEMA,
 )
+
+# What adapters produce
+from weightatlas.storage._record import KINDS, TensorRecord, split_name, to_source_layout
+
+# Store and snapshots
+from weightatlas.storage._snapshot import Snapshot, TensorInfo
+from weightatlas.storage._source import RecordsSource, SourceFile, TensorSource
 from weightatlas.storage._stats import TensorStats, tensor_stats
+from weightatlas.storage._store import DEFAULT_STORE, SnapshotInfo, Store, parse_ref
 
 __all__ = [
     # Store and snapshots

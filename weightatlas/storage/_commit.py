@@ -21,7 +21,7 @@ import fcntl
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from weightatlas.errors import StoreError
 
@@ -64,10 +64,8 @@ def staging_file(store_root: str) -> Iterator[str]:
     try:
         yield path
     finally:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
         os.close(fd)
 
 

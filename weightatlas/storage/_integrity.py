@@ -19,7 +19,7 @@ import xxhash
 
 from weightatlas.errors import IntegrityError
 
-__all__ = ["PLACEHOLDER", "file_checksum_positions", "finalize_file_checksum", "file_checksum"]
+__all__ = ["PLACEHOLDER", "file_checksum", "file_checksum_positions", "finalize_file_checksum"]
 
 #: The value ``file_checksum`` holds while the digest is computed.
 PLACEHOLDER = "0" * 32

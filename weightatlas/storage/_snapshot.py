@@ -22,6 +22,7 @@ from weightatlas.errors import FormatError, IntegrityError, NotFoundError
 from weightatlas.storage._dtypes import dtype_from_name
 from weightatlas.storage._format import INFO_COLUMNS, SCHEMA, decode_metadata
 from weightatlas.storage._integrity import file_checksum
+from weightatlas.storage._mmap import map_file
 from weightatlas.storage._record import to_source_layout
 
 __all__ = ["Snapshot", "TensorInfo"]
@@ -69,24 +70,20 @@ class Snapshot:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         try:
-            self._mm = pa.memory_map(self.path)
+            mapped = map_file(self.path)
         except FileNotFoundError as e:
             raise NotFoundError(f"{self.path}: snapshot file does not exist") from e
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise IntegrityError(f"{self.path}: cannot open snapshot: {e}") from e
         try:
-            reader = pa.ipc.open_file(self._mm)
+            reader = pa.ipc.open_file(pa.BufferReader(mapped))
             self.metadata: dict[str, Any] = decode_metadata(reader.schema, self.path)
             if reader.schema.remove_metadata() != SCHEMA:
                 raise FormatError(f"{self.path}: columns differ from the snapshot schema")
             self._table = reader.read_all()
             self._table.validate(full=True)
         except (pa.ArrowException, ValueError, OSError) as e:
-            self._mm.close()
             raise IntegrityError(f"{self.path}: snapshot file is damaged: {e}") from e
-        except FormatError:
-            self._mm.close()
-            raise
         self._data_loc = [
             (c, j) for c, chunk in enumerate(self._table.column("data").chunks)
             for j in range(len(chunk))
@@ -267,9 +264,12 @@ class Snapshot:
         return problems
 
     def close(self) -> None:
-        """Release the table and the memory map (arrays already read stay valid)."""
+        """Release this snapshot's hold on the file; arrays already read stay valid.
+
+        The memory map is unmapped once no array read from it is alive.
+        """
         self._table = self._table.slice(0, 0)
-        self._mm.close()
+        self._rows = {}
 
     def __enter__(self) -> Snapshot:
         return self

@@ -39,6 +39,7 @@ from weightatlas.storage._format import (
     decode_metadata,
 )
 from weightatlas.storage._integrity import PLACEHOLDER, finalize_file_checksum
+from weightatlas.storage._mmap import map_file
 from weightatlas.storage._snapshot import Snapshot
 from weightatlas.storage._source import TensorSource
 from weightatlas.storage._writer import (
@@ -54,8 +55,8 @@ __all__ = ["DEFAULT_STORE", "SnapshotInfo", "Store", "parse_ref"]
 DEFAULT_STORE = "weightatlas_store"
 MARKER = "weightatlas-store.json"
 _MARKER_DOC = {"format": "weightatlas.store", "version": 1}
-_FILE = re.compile(r"^(step-(?P<step>0|[1-9][0-9]{0,18})|tag-(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.+\-]*))"
-                   r"\.arrow$")
+_FILE = re.compile(r"^(step-(?P<step>0|[1-9][0-9]{0,18})"
+                   r"|tag-(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.+\-]*))\.arrow$")
 _MAX_STEP = 2**63 - 1
 
 
@@ -217,9 +218,8 @@ class Store:
 
     def _info(self, path: str) -> SnapshotInfo:
         try:
-            with pa.memory_map(path) as mm:
-                schema = pa.ipc.open_file(mm).schema
-        except (pa.ArrowException, OSError) as e:
+            schema = pa.ipc.open_file(pa.BufferReader(map_file(path))).schema
+        except (pa.ArrowException, OSError, ValueError) as e:
             raise IntegrityError(f"{path}: snapshot file is damaged: {e}") from e
         meta = decode_metadata(schema, path)
         try:
@@ -312,7 +312,7 @@ class Store:
             if existing == plan.content_digest:
                 return Snapshot(final)
             raise SnapshotExistsError(self._conflict(final, label, source.label))
-        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+        created = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
         meta = snapshot_metadata(plan, source, model, step, tag, created, chunk_bytes)
         meta["file_checksum"] = PLACEHOLDER
         os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -333,9 +333,8 @@ class Store:
         if not os.path.exists(path):
             return None
         try:
-            with pa.memory_map(path) as mm:
-                meta = decode_metadata(pa.ipc.open_file(mm).schema, path)
-        except (pa.ArrowException, OSError, WeightAtlasError):
+            meta = decode_metadata(pa.ipc.open_file(pa.BufferReader(map_file(path))).schema, path)
+        except (pa.ArrowException, OSError, ValueError, WeightAtlasError):
             return "<unreadable>"
         return str(meta.get("content_digest"))
 

@@ -37,6 +37,7 @@ from weightatlas.storage._format import (
     STAT_COLUMNS,
     encode_metadata,
 )
+from weightatlas.storage._mmap import map_file
 from weightatlas.storage._record import TensorRecord
 from weightatlas.storage._source import SourceFile, TensorSource
 from weightatlas.storage._stats import tensor_stats
@@ -128,7 +129,7 @@ def _analyse(
                 "layout": list(rec.layout), "source_layout": list(rec.source_layout),
                 "source_shape": list(rec.source_shape), "chunk": i, "n_chunks": len(chunks),
                 "row_start": start, "row_count": count, "nbytes": buf.nbytes, "attrs": attrs,
-                "checksum": xxhash.xxh3_128(buf).hexdigest(),
+                "checksum": xxhash.xxh3_128(buf.data).hexdigest(),
             }
             for key, value in fixed.items():
                 cols[key].append(value)
@@ -237,7 +238,7 @@ def _rows_in_order(
                                  f"ingested (tensor {rec.name!r} out of place)")
         while i < len(names) and names[i] == rec.name:
             buf = _chunk_bytes(rec, starts[i], counts[i])
-            if xxhash.xxh3_128(buf).hexdigest() != sums[i]:
+            if xxhash.xxh3_128(buf.data).hexdigest() != sums[i]:
                 raise IntegrityError(f"{source.label}: tensor {rec.name!r} changed while it was "
                                      "being ingested")
             yield i, buf
@@ -275,15 +276,14 @@ def write_snapshot_file(
 
 
 def _check_alignment(path: str) -> None:
-    with pa.memory_map(path) as mm:
-        base = mm.read_buffer(1).address
-        reader = pa.ipc.open_file(mm)
-        for i in range(reader.num_record_batches):
-            data = reader.get_batch(i).column(len(SCHEMA) - 1)
-            values = data.buffers()[2]
-            if values is not None and values.size and (values.address - base) % ALIGNMENT:
-                raise StoreError(f"{path}: row {i} data is not {ALIGNMENT}-byte aligned "
-                                 "(this is a weightatlas bug; please report it)")
+    mapped = map_file(path)
+    reader = pa.ipc.open_file(pa.BufferReader(mapped))
+    for i in range(reader.num_record_batches):
+        data = reader.get_batch(i).column(len(SCHEMA) - 1)
+        values = data.buffers()[2]
+        if values is not None and values.size and (values.address - mapped.address) % ALIGNMENT:
+            raise StoreError(f"{path}: row {i} data is not {ALIGNMENT}-byte aligned "
+                             "(this is a weightatlas bug; please report it)")
 
 
 def fsync_path(path: str, directory: bool = False) -> None:
