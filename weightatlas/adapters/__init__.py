@@ -1,0 +1,155 @@
+"""Adapters: files (and, later, live models) in, :class:`TensorSource` out.
+
+Each format has a module with the same verbs (``read``, ``write``...); this package
+finds the right one for a path. Frameworks are imported only inside the adapter
+functions that need them, never here.
+
+Example:
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from weightatlas.adapters import safetensors
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> safetensors.write({"fc.weight": np.ones((2, 3), np.float32)}, tmp / "m.safetensors")
+    >>> detect_format(tmp / "m.safetensors")
+    'safetensors'
+    >>> [r.kind for r in open_source(tmp / "m.safetensors").records()]
+    ['linear']
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from weightatlas.errors import NotFoundError, UnsupportedError, WeightAtlasError
+from weightatlas.storage._source import TensorSource
+
+__all__ = [
+    # Registry
+    "PLANNED_FORMATS",
+    "SUPPORTED_SUFFIXES",
+    # Verbs
+    "detect_format",
+    "open_source",
+]
+
+#: File name endings weightatlas reads today (a folder holding them works too).
+SUPPORTED_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+#: Formats recognised by name but not readable yet: file name ending -> format.
+PLANNED_FORMATS = {
+    ".onnx": "ONNX",
+    ".pt": "PyTorch pickle",
+    ".pth": "PyTorch pickle",
+    ".bin": "PyTorch pickle",
+    ".msgpack": "Flax msgpack",
+}
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _supported() -> str:
+    return ", ".join(SUPPORTED_SUFFIXES) + ", or a folder holding them"
+
+
+def _not_yet(path: Path, fmt: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"{path}: {fmt} checkpoints are not supported yet; supported: {_supported()}"
+    )
+
+
+def _sniff(path: Path, size: int) -> str | None:
+    """Recognise a file by its first bytes (safetensors has no magic, only a shape)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise WeightAtlasError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(head) == 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= size - 8:
+            return "safetensors"
+    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":
+        raise _not_yet(path, "PyTorch (zip or pickle)")
+    return None
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """Name the format of a checkpoint file or folder, by its name, then its bytes.
+
+    Args:
+        path: A file, or a folder holding a checkpoint.
+
+    Returns:
+        ``"safetensors"`` (the only format read today).
+
+    Raises:
+        NotFoundError: Nothing exists at ``path``.
+        UnsupportedError: A known format not read yet (ONNX, PyTorch, Flax msgpack),
+            or an unknown one; the message lists what is supported.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}      ")
+        >>> detect_format(folder)
+        'safetensors'
+    """
+    p = Path(os.fspath(path))
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFoundError(f"{p}: no such file or folder") from None
+    except OSError as e:
+        raise WeightAtlasError(f"{p}: cannot read: {e.strerror or e}") from e
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            names = [n.lower() for n in os.listdir(p)]
+        except OSError as e:
+            raise WeightAtlasError(f"{p}: cannot list: {e.strerror or e}") from e
+        if any(n.endswith(SUPPORTED_SUFFIXES) for n in names):
+            return "safetensors"
+        for suffix, fmt in PLANNED_FORMATS.items():
+            if any(n.endswith(suffix) for n in names):
+                raise _not_yet(p, fmt)
+        raise UnsupportedError(
+            f"{p}: no checkpoint found in this folder; supported: {_supported()}"
+        )
+    name = p.name.lower()
+    if name.endswith(SUPPORTED_SUFFIXES):
+        return "safetensors"
+    for suffix, fmt in PLANNED_FORMATS.items():
+        if name.endswith(suffix):
+            raise _not_yet(p, fmt)
+    if stat.S_ISREG(st.st_mode) and _sniff(p, st.st_size) is not None:
+        return "safetensors"
+    raise UnsupportedError(f"{p}: unknown format; supported: {_supported()}")
+
+
+def _read_safetensors(path: Path) -> TensorSource:
+    from weightatlas.adapters import safetensors
+
+    return safetensors.read(path)
+
+
+#: Format name (as :func:`detect_format` returns it) -> reader.
+_READERS: dict[str, Callable[[Path], TensorSource]] = {"safetensors": _read_safetensors}
+
+
+def open_source(path: str | os.PathLike[str]) -> TensorSource:
+    """Open any supported checkpoint as a :class:`~weightatlas.storage.TensorSource`.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from weightatlas.adapters.safetensors import write
+        >>> tmp = Path(tempfile.mkdtemp())
+        >>> write({"w": np.zeros(3, np.float32)}, tmp / "m.safetensors")
+        >>> src = open_source(tmp / "m.safetensors")
+        >>> src.framework, src.label
+        ('safetensors', 'm.safetensors')
+    """
+    p = Path(os.fspath(path))
+    return _READERS[detect_format(p)](p)
