@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from weightatlas.errors import NotFoundError, UnsupportedError, WeightAtlasError
-from weightatlas.storage._source import TensorSource
+from weightatlas.storage import TensorSource
 
 __all__ = [
     # Registry

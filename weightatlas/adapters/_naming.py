@@ -43,7 +43,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from weightatlas.storage._record import split_name
+from weightatlas.storage import split_name
 
 __all__ = ["infer", "is_norm_module", "split"]
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from weightatlas.errors import FormatError, ResourceLimitError, ShapeError, UnsupportedError
-from weightatlas.storage._dtypes import DTYPES
-from weightatlas.storage._record import MAX_NDIM
+from weightatlas.storage import DTYPES, MAX_NDIM
 
 __all__ = [
     "DEFAULT_MAX_TENSORS",

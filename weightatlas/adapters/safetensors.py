@@ -48,9 +48,7 @@ from weightatlas.errors import (
     UnsupportedError,
     WeightAtlasError,
 )
-from weightatlas.storage._dtypes import DTYPES, dtype_name
-from weightatlas.storage._record import TensorRecord
-from weightatlas.storage._source import SourceFile
+from weightatlas.storage import DTYPES, SourceFile, TensorRecord, dtype_name
 
 __all__ = ["DEFAULT_MAX_TENSORS", "MAX_HEADER_BYTES", "SafetensorsSource", "read", "write"]
 

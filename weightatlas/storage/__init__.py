@@ -18,7 +18,13 @@ from weightatlas.storage._format import (
 )
 
 # What adapters produce
-from weightatlas.storage._record import KINDS, TensorRecord, split_name, to_source_layout
+from weightatlas.storage._record import (
+    KINDS,
+    MAX_NDIM,
+    TensorRecord,
+    split_name,
+    to_source_layout,
+)
 
 # Store and snapshots
 from weightatlas.storage._snapshot import Snapshot, TensorInfo
@@ -36,6 +42,7 @@ __all__ = [
     "parse_ref",
     # What adapters produce
     "KINDS",
+    "MAX_NDIM",
     "RecordsSource",
     "SourceFile",
     "TensorRecord",

@@ -22,7 +22,7 @@ from weightatlas.errors import FormatError, IntegrityError, NotFoundError
 from weightatlas.storage._dtypes import dtype_from_name
 from weightatlas.storage._format import INFO_COLUMNS, SCHEMA, decode_metadata
 from weightatlas.storage._integrity import file_checksum
-from weightatlas.storage._mmap import map_file
+from weightatlas.storage._mmap import MappedFile
 from weightatlas.storage._record import to_source_layout
 
 __all__ = ["Snapshot", "TensorInfo"]
@@ -70,7 +70,8 @@ class Snapshot:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         try:
-            mapped = map_file(self.path)
+            self._file = MappedFile(self.path)
+            mapped = self._file.buffer
         except FileNotFoundError as e:
             raise NotFoundError(f"{self.path}: snapshot file does not exist") from e
         except (OSError, ValueError) as e:
@@ -255,12 +256,15 @@ class Snapshot:
         if stored != actual:
             problems.append(f"{self.path}: file checksum {actual} does not match the stored "
                             f"{stored}")
+        base = self._file.buffer.address
         for name, rows in self._rows.items():
             for i in rows:
                 try:
-                    self._row_buffer(i, name, verify=True)
+                    buf = self._row_buffer(i, name, verify=True)
                 except IntegrityError as e:
                     problems.append(str(e))
+                else:  # keep resident memory flat while checking a large snapshot
+                    self._file.release(buf.address - base, buf.address - base + buf.size)
         return problems
 
     def close(self) -> None:
