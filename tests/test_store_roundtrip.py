@@ -219,3 +219,11 @@ def test_arrays_outlive_the_snapshot_they_came_from(store: Store, rng):
     with Snapshot(path) as snap:
         a = snap.read("w")
     np.testing.assert_array_equal(a, data)
+
+
+def test_notebook_html_escapes_names(store: Store):
+    recs = [TensorRecord("</script><script>alert(1)</script>", np.ones(3, np.float32)),
+            TensorRecord("fc.weight", np.full((2, 2), 0.5, np.float32))]
+    html = store.write(RecordsSource(recs), "m")._repr_html_()
+    assert "<script>" not in html and "&lt;/script&gt;" in html
+    assert "<td>fc.weight</td>" in html and "<td>2×2</td>" in html and "<td>0.5</td>" in html

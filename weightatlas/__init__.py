@@ -12,7 +12,7 @@ theirs when they are used.
 
 Example:
     >>> import weightatlas as wa
-    >>> store = wa.open_store("/tmp/wa_doc_store")
+    >>> store = wa.open_store(tmp / "store")
     >>> sorted(store.models()) == store.models()
     True
 """

@@ -24,7 +24,7 @@ def open_store(path: str | os.PathLike[str] | None = None, *, create: bool = Tru
 
     Example:
         >>> import weightatlas as wa
-        >>> store = wa.open_store("/tmp/wa_doc_store")
+        >>> store = wa.open_store(tmp / "store")
         >>> isinstance(store.models(), list)
         True
     """
@@ -77,9 +77,11 @@ def ingest(
         The snapshot, opened.
 
     Example:
-        >>> snap = wa.ingest("model.safetensors", store="store", step=100)  # doctest: +SKIP
-        >>> snap.read("fc1.weight").shape                                   # doctest: +SKIP
-        (64, 64)
+        >>> from weightatlas.adapters import safetensors
+        >>> safetensors.write({"fc1.weight": np.ones((4, 3), np.float32)}, tmp / "mlp.safetensors")
+        >>> snap = wa.ingest(tmp / "mlp.safetensors", store=tmp / "store", step=100)
+        >>> snap.ref, snap.read("fc1.weight").shape
+        ('mlp@100', (4, 3))
     """
     if step is not None and tag is not None:
         raise StoreError("give a step or a tag, not both")

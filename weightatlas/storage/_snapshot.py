@@ -63,8 +63,11 @@ class Snapshot:
     Get one from :meth:`weightatlas.storage.Store.snapshot` or open a file directly.
 
     Example:
-        >>> snap = store.snapshot("digits-mlp@0")          # doctest: +SKIP
-        >>> w = snap.read("fc1.weight")                    # doctest: +SKIP
+        >>> from weightatlas.storage import RecordsSource, TensorRecord
+        >>> w = np.arange(6, dtype=np.float32).reshape(2, 3)
+        >>> snap = store.write(RecordsSource([TensorRecord("fc.weight", w)]), "mlp", step=1)
+        >>> snap.names, snap.read("fc.weight").sum(), snap.info("fc.weight").mean
+        (['fc.weight'], np.float32(15.0), 2.5)
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -117,6 +120,30 @@ class Snapshot:
 
     def __repr__(self) -> str:
         return f"Snapshot({self.ref!r}, tensors={len(self._rows)}, path={self.path!r})"
+
+    def _repr_html_(self, max_rows: int = 50) -> str:
+        """A table of the tensors and their statistics, for Jupyter (names escaped)."""
+        import html
+
+        def num(v: Any) -> str:
+            return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+        cols = ("name", "kind", "dtype", "shape", "mean", "std", "abs_max", "frac_zero",
+                "n_nan", "n_inf")
+        rows = self.tensors().select(list(cols)).slice(0, max_rows).to_pylist()
+        head = "".join(f"<th>{c}</th>" for c in cols)
+        body = "".join(
+            "<tr>" + "".join(
+                f"<td>{html.escape('×'.join(map(str, r[c])) if c == 'shape' else num(r[c]))}</td>"
+                for c in cols) + "</tr>"
+            for r in rows
+        )
+        meta = self.metadata
+        more = (f"<p>… {len(self) - max_rows} more tensors</p>" if len(self) > max_rows else "")
+        return (f"<p><b>{html.escape(self.ref)}</b>: {meta['n_tensors']} tensors, "
+                f"{meta['n_params']:,} values, {html.escape(str(meta['framework']))} from "
+                f"{html.escape(str(meta['source_file']))}</p>"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}")
 
     # ---- listing ----------------------------------------------------------------------
     @property

@@ -128,9 +128,9 @@ class Store:
         create: Create the directory if it does not exist (otherwise it must).
 
     Example:
-        >>> store = Store("/tmp/my_store", create=True)     # doctest: +SKIP
-        >>> store.models()                                  # doctest: +SKIP
-        ['digits-mlp']
+        >>> store = Store(tmp / "my_store", create=True)
+        >>> store.models()
+        []
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = False):
