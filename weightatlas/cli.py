@@ -43,7 +43,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # markup=False: tensor names and paths are printed literally, brackets and all.
-out = Console(highlight=False, soft_wrap=True, markup=False)
+# Piped output (files, CI logs) is not cut at 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 240
+out = Console(highlight=False, soft_wrap=True, markup=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 _state: dict[str, Any] = {"store": None, "debug": False}
 
@@ -181,7 +183,7 @@ def ls_cmd(
                       "created", box=None)
         for i in infos:
             table.add_row(i.ref, str(i.n_tensors), f"{i.n_params:,}", _human(i.nbytes),
-                          i.framework, i.source_file, i.created[:19])
+                          i.framework, i.source_file, i.created[:16].replace("T", " "))
         out.print(table)
         return
     rows: list[dict[str, Any]] = []
