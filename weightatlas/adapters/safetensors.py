@@ -316,6 +316,10 @@ class SafetensorsSource:
                 facts["index_metadata"] = self._index[2]
         return facts
 
+    def attachments(self) -> Mapping[str, bytes]:
+        """safetensors files carry no graph: nothing is attached."""
+        return {}
+
     def nbytes(self) -> int:
         """Total bytes of tensor data."""
         return sum(e.end - e.begin for s in self._shards for e in s.entries)

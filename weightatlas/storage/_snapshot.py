@@ -19,6 +19,7 @@ import pyarrow as pa
 import xxhash
 
 from weightatlas.errors import FormatError, IntegrityError, NotFoundError
+from weightatlas.storage._blobs import read_blob
 from weightatlas.storage._dtypes import dtype_from_name
 from weightatlas.storage._format import INFO_COLUMNS, SCHEMA, decode_metadata
 from weightatlas.storage._integrity import file_checksum
@@ -275,6 +276,24 @@ class Snapshot:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.read(name)
 
+    # ---- attachments ------------------------------------------------------------------
+    @property
+    def attachments(self) -> dict[str, dict[str, Any]]:
+        """Files attached to this snapshot: name -> ``{"sha256", "size"}``."""
+        return dict(self.metadata.get("attachments") or {})
+
+    def attachment(self, name: str) -> bytes:
+        """The bytes of one attachment (``graph.onnx``...), checked against their sha256."""
+        try:
+            entry = self.attachments[name]
+        except KeyError:
+            have = ", ".join(self.attachments) or "none"
+            raise NotFoundError(f"{self.path}: snapshot {self.ref} has no attachment {name!r} "
+                                f"(attachments: {have})") from None
+        return read_blob(os.path.dirname(self.path), str(entry.get("sha256")),
+                         int(entry.get("size", -1)),
+                         f"attachment {name!r} of {self.ref}")
+
     # ---- integrity --------------------------------------------------------------------
     def verify(self) -> list[str]:
         """Recompute every checksum; return the problems found (empty when intact)."""
@@ -283,6 +302,11 @@ class Snapshot:
         if stored != actual:
             problems.append(f"{self.path}: file checksum {actual} does not match the stored "
                             f"{stored}")
+        for name in self.attachments:
+            try:
+                self.attachment(name)
+            except (IntegrityError, NotFoundError) as e:
+                problems.append(str(e))
         base = self._file.buffer.address
         for name, rows in self._rows.items():
             for i in rows:

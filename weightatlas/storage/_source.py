@@ -56,6 +56,10 @@ class TensorSource(Protocol):
         """Total bytes of tensor data, for progress reporting."""
         ...
 
+    def attachments(self) -> Mapping[str, bytes]:
+        """Named files that travel with the snapshot (e.g. ``graph.onnx``); often empty."""
+        ...
+
 
 @dataclass
 class RecordsSource:
@@ -72,6 +76,7 @@ class RecordsSource:
     label: str = "<memory>"
     framework: str = "numpy"
     extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
     def records(self) -> Iterator[TensorRecord]:
         return iter(self.items)
@@ -84,3 +89,6 @@ class RecordsSource:
 
     def nbytes(self) -> int:
         return sum(r.data.nbytes for r in self.items)
+
+    def attachments(self) -> Mapping[str, bytes]:
+        return self.files

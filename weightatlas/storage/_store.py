@@ -15,6 +15,7 @@ read as one Arrow dataset by other engines.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,12 @@ from weightatlas.errors import (
     SnapshotExistsError,
     StoreError,
     WeightAtlasError,
+)
+from weightatlas.storage._blobs import (
+    GRACE_SECONDS,
+    check_attachment_name,
+    clean_blobs,
+    write_blob,
 )
 from weightatlas.storage._commit import clean_staging, fsync_dir, publish, staging_file
 from weightatlas.storage._format import (
@@ -306,6 +313,14 @@ class Store:
         clean_staging(self.root)
         report = progress or (lambda phase, n, total: None)
         plan = plan_snapshot(source, model, step, tag, chunk_bytes, report)
+        attachments = {check_attachment_name(k): bytes(v)
+                       for k, v in dict(source.attachments()).items()}
+        attached = {k: {"sha256": hashlib.sha256(v).hexdigest(), "size": len(v)}
+                    for k, v in sorted(attachments.items())}
+        if attached:  # attachments are content too
+            plan.content_digest = hashlib.sha256(
+                (plan.content_digest + json.dumps(attached, sort_keys=True)).encode()
+            ).hexdigest()
         label = f"{model}@{step if step is not None else tag}"
         existing = self._existing_digest(final)
         if existing is not None and not overwrite:
@@ -315,7 +330,10 @@ class Store:
         created = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
         meta = snapshot_metadata(plan, source, model, step, tag, created, chunk_bytes)
         meta["file_checksum"] = PLACEHOLDER
+        meta["attachments"] = attached
         os.makedirs(os.path.dirname(final), exist_ok=True)
+        for data in attachments.values():  # blobs first: a visible snapshot names no missing blob
+            write_blob(self.root, os.path.dirname(final), data)
         with staging_file(self.root) as staging:
             try:
                 write_snapshot_file(staging, source, plan, meta, report)
@@ -381,6 +399,15 @@ class Store:
                 results[key] = [str(e)]
         return results
 
-    def gc(self) -> list[str]:
-        """Remove staging files left behind by writers that were killed."""
-        return clean_staging(self.root)
+    def gc(self, *, blob_grace: float = GRACE_SECONDS) -> list[str]:
+        """Remove leftovers: staging files of killed writers, and attachments (blobs)
+        that no snapshot names any more and that are older than ``blob_grace`` seconds.
+        """
+        removed = clean_staging(self.root)
+        for model in self.models():
+            referenced = set()
+            for info in self.snapshots(model):
+                with Snapshot(info.path) as snap:
+                    referenced |= {a["sha256"] for a in snap.attachments.values()}
+            removed += clean_blobs(self._model_dir(model), referenced, blob_grace)
+        return removed
