@@ -17,7 +17,6 @@ and starts over if a cleaner removed it.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,16 @@ from weightatlas.errors import StoreError
 __all__ = ["STAGING", "clean_staging", "fsync_dir", "publish", "staging_file"]
 
 STAGING = ".staging"
+
+
+def _fcntl():  # type: ignore[no-untyped-def]
+    """``fcntl``, imported when a store is written (it exists on Linux and macOS only)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        raise StoreError("writing to a weightatlas store needs a POSIX system (Linux, macOS): "
+                         "its commit protocol uses flock and hard links") from None
+    return fcntl
 _SUFFIX = ".arrow.partial"
 
 
@@ -51,6 +60,7 @@ def staging_file(store_root: str) -> Iterator[str]:
     for _ in range(100):
         path = os.path.join(staging, f"{os.getpid()}-{uuid.uuid4().hex}{_SUFFIX}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl = _fcntl()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -110,6 +120,7 @@ def clean_staging(store_root: str) -> list[str]:
             continue
         try:
             try:
+                fcntl = _fcntl()
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a live writer holds it
