@@ -142,7 +142,9 @@ def projection(snapshot: Snapshot, tensors: str | Sequence[str], method: str = "
         ['tensor', 'index', 'x', 'y', 'norm']
     """
     names = [tensors] if isinstance(tensors, str) else list(tensors)
-    blocks, labels, index = [], [], []
+    blocks: list[np.ndarray] = []
+    labels: list[str] = []
+    index: list[np.ndarray] = []
     for name in names:
         rows = neuron_rows(snapshot.read(name), name)
         if blocks and rows.shape[1] != blocks[0].shape[1]:
