@@ -12,8 +12,9 @@ place in time and are left out), and for every tensor:
 
 Norms are Frobenius norms in float64. A tensor whose shape changes, that goes missing,
 or that holds NaN/Inf is not crashed on: its rows carry a ``status`` saying so and
-null figures until it is comparable again (after a shape change it starts over). Memory is bounded by a few
-copies of the largest tensor (tensors are read one at a time, zero-copy).
+null figures until it is comparable again (after a shape change it starts over).
+Memory is bounded by a few copies of the largest tensor (tensors are read one at a
+time, zero-copy).
 """
 
 from __future__ import annotations
