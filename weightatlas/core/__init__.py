@@ -1,10 +1,55 @@
-"""Computations against the store (statistics, spectra, projections, executor).
+"""Computations against the store: spectra, projections, factors, trajectories.
 
-The core layer reads :mod:`weightatlas.storage` snapshots and never imports adapters,
-charts or the CLI. Its analyses land with their issues; what it exports is listed in
-``__all__``.
+The core layer reads :mod:`weightatlas.storage` snapshots and returns Arrow tables or
+NumPy arrays with documented columns; it never imports adapters, charts or the CLI.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+# Spectra of weight matrices
+from weightatlas.core._powerlaw import PowerLawFit, fit_power_law
+
+# Factors and connections (Distill "Visualizing Weights")
+from weightatlas.core.factors import FamilyFactors, neuron_rgb, one_sided_nmf, rank_connections
+
+# Projections
+from weightatlas.core.projection import neuron_rows, pca, project, projection, trajectory_pca
+from weightatlas.core.spectrum import (
+    SPECTRUM_SCHEMA,
+    MatrixSpectrum,
+    eigenvalues,
+    marchenko_pastur_density,
+    matrix_spectrum,
+    spectrum,
+    weight_matrices,
+)
+
+# Training trajectories
+from weightatlas.core.trajectory import TRAJECTORY_SCHEMA, trajectory
+
+__all__ = [
+    # Spectra of weight matrices
+    "SPECTRUM_SCHEMA",
+    "MatrixSpectrum",
+    "PowerLawFit",
+    "eigenvalues",
+    "fit_power_law",
+    "marchenko_pastur_density",
+    "matrix_spectrum",
+    "spectrum",
+    "weight_matrices",
+    # Projections
+    "neuron_rows",
+    "pca",
+    "project",
+    "projection",
+    "trajectory_pca",
+    # Factors and connections
+    "FamilyFactors",
+    "neuron_rgb",
+    "one_sided_nmf",
+    "rank_connections",
+    # Training trajectories
+    "TRAJECTORY_SCHEMA",
+    "trajectory",
+]
