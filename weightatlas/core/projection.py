@@ -53,7 +53,7 @@ def pca(x: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
         >>> x = np.array([[0.0, 0], [2, 0], [4, 0], [6, 1]])
         >>> coords, ratio = pca(x, 1)
         >>> coords.ravel().round(2).tolist(), bool(ratio[0] > 0.95)
-        ([-3.04, -1.03, 0.97, 3.1], True)
+        ([-3.0, -1.03, 0.95, 3.08], True)
     """
     x = np.asarray(x, dtype=np.float64)
     n, d = x.shape
