@@ -23,7 +23,8 @@ def filled(store: Store, rng) -> Store:
             TensorRecord("emb.weight", rng.standard_normal((6, 3)).astype(ml_dtypes.bfloat16),
                          kind="embedding", layout=("vocab", "dim")),
         ]
-        store.write(RecordsSource(recs), "mlp", step=step)
+        # An attachment, as ONNX snapshots carry their graph: blobs must not confuse engines.
+        store.write(RecordsSource(recs, files={"graph.onnx": b"graph bytes"}), "mlp", step=step)
     store.write(RecordsSource([TensorRecord("w", np.ones(2))]), "other", tag="best")
     return store
 

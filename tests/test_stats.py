@@ -58,6 +58,26 @@ def test_many_blocks_and_strided_input(rng, monkeypatch):
     check(a[::3, 5:])
 
 
+@pytest.mark.parametrize("mean,spread", [(1.0, 1e-4), (100.0, 1e-3), (1000.0, 1e-3),
+                                         (-3e4, 0.5)])
+def test_std_is_accurate_when_the_mean_dwarfs_the_spread(rng, monkeypatch, mean, spread):
+    monkeypatch.setattr(_stats, "BLOCK", 4096)  # many blocks to merge
+    a = (mean + spread * rng.standard_normal(1_000_003)).astype(np.float32)
+    x = a.astype(np.float64)
+    s = tensor_stats(a)
+    assert s.std == pytest.approx(x.std(), rel=1e-9)
+    assert s.mean == pytest.approx(x.mean(), rel=1e-12)
+    assert s.l2 == pytest.approx(np.sqrt((x * x).sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("value", [1.1, 0.3, -7.25, 1e30])
+def test_constant_tensors_have_zero_std(value, monkeypatch):
+    monkeypatch.setattr(_stats, "BLOCK", 1000)
+    s = tensor_stats(np.full(10_007, value, np.float32))
+    assert s.std == 0.0
+    assert s.mean == float(np.float32(value))
+
+
 def test_nan_and_inf_are_counted_and_excluded_from_moments():
     a = np.array([1.0, np.nan, -np.inf, 2.0, np.inf, 0.0, -0.0, np.nan], np.float32)
     s = tensor_stats(a)

@@ -25,12 +25,13 @@ from weightatlas.storage._record import (
     split_name,
     to_source_layout,
 )
+from weightatlas.storage._refs import SnapshotInfo, parse_ref
 
 # Store and snapshots
 from weightatlas.storage._snapshot import Snapshot, TensorInfo
 from weightatlas.storage._source import RecordsSource, SourceFile, TensorSource
 from weightatlas.storage._stats import TensorStats, tensor_stats
-from weightatlas.storage._store import DEFAULT_STORE, SnapshotInfo, Store, parse_ref
+from weightatlas.storage._store import DEFAULT_STORE, Store
 
 __all__ = [
     # Store and snapshots

@@ -7,7 +7,10 @@ steps of one model share one graph). The snapshot's metadata maps each attachmen
 name to its sha256 and size; reading one checks both. Blobs are written and linked
 into place before the snapshot that names them is published, so a visible snapshot
 never names a missing blob. ``Store.gc`` removes blobs no snapshot names, after a
-grace period that covers a writer between its blob and its snapshot.
+grace period, and under an exclusive lock (``models/<model>/.blobs.lock``) that every
+writer holds shared from storing its blobs until its snapshot is published, so a blob
+is never removed between the two. (The ``_`` prefix keeps ``pyarrow.dataset`` from
+reading blobs as Arrow files.)
 """
 
 from __future__ import annotations
@@ -18,11 +21,20 @@ import re
 import time
 
 from weightatlas.errors import IntegrityError, NotFoundError, StoreError
-from weightatlas.storage._commit import publish, staging_file
+from weightatlas.storage._commit import make_dirs, publish, real_dir, staging_file
 
-__all__ = ["BLOBS", "check_attachment_name", "clean_blobs", "read_blob", "write_blob"]
+__all__ = [
+    "BLOBS",
+    "LOCK",
+    "check_attachment_name",
+    "clean_blobs",
+    "read_blob",
+    "write_blob",
+]
 
-BLOBS = "blobs"
+BLOBS = "_blobs"
+#: Per-model lock: writers hold it shared while they store blobs and publish; gc exclusive.
+LOCK = ".blobs.lock"
 #: Unreferenced blobs younger than this are kept (a writer may be about to publish).
 GRACE_SECONDS = 3600
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,127}$")
@@ -37,24 +49,34 @@ def check_attachment_name(name: str) -> str:
     return name
 
 
+def _intact(path: str, data: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except FileNotFoundError:
+        return False
+
+
 def write_blob(store_root: str, model_dir: str, data: bytes) -> tuple[str, int]:
-    """Store ``data`` under its sha256 (once); return ``(sha256, size)``."""
+    """Store ``data`` under its sha256 (once); return ``(sha256, size)``.
+
+    The caller holds the model's blob lock shared. A blob already there is reused only
+    if its bytes are intact; a damaged one is replaced.
+    """
     digest = hashlib.sha256(data).hexdigest()
     directory = os.path.join(model_dir, BLOBS)
     path = os.path.join(directory, digest)
-    try:
-        if os.path.getsize(path) == len(data):
-            os.utime(path)  # fresh again, so gc's grace period covers this writer
-            return digest, len(data)
-    except FileNotFoundError:
-        pass
-    os.makedirs(directory, exist_ok=True)
+    make_dirs(directory, store_root)
+    if _intact(path, data):
+        os.utime(path, follow_symlinks=False)  # fresh again for gc's grace period
+        return digest, len(data)
     with staging_file(store_root) as staging:
         with open(staging, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        publish(staging, path, overwrite=False)  # False: another writer stored it first
+        # Replacing is safe: the name is the content's hash.
+        publish(staging, path, overwrite=True)
     return digest, len(data)
 
 
@@ -62,6 +84,7 @@ def read_blob(model_dir: str, digest: str, size: int, label: str) -> bytes:
     """Read a blob and check it against its sha256 and size."""
     if not isinstance(digest, str) or not _SHA.match(digest):
         raise IntegrityError(f"{label}: attachment digest {digest!r} is not a sha256")
+    real_dir(os.path.join(model_dir, BLOBS))  # PathEscapeError for a linked folder
     path = os.path.join(model_dir, BLOBS, digest)
     if os.path.islink(path):
         raise IntegrityError(f"{path}: {label} is a symbolic link; the store never follows them")
@@ -80,13 +103,15 @@ def read_blob(model_dir: str, digest: str, size: int, label: str) -> bytes:
 
 
 def clean_blobs(model_dir: str, referenced: set[str], grace: float = GRACE_SECONDS) -> list[str]:
-    """Remove blobs of a model that no snapshot names and that are older than ``grace``."""
+    """Remove blobs of a model that no snapshot names and that are older than ``grace``.
+
+    The caller holds the model's blob lock exclusively.
+    """
     directory = os.path.join(model_dir, BLOBS)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
+    if not real_dir(directory):
         return []
     removed = []
+    names = [n for n in os.listdir(directory) if _SHA.match(n)]
     now = time.time()
     for name in names:
         path = os.path.join(directory, name)

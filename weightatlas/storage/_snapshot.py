@@ -1,10 +1,15 @@
 """Reading a snapshot: memory-mapped, zero-copy, every tensor read checked.
 
-Opening a snapshot maps its file and reads the Arrow footer and the small columns
-(names, shapes, statistics); no tensor bytes are touched until a tensor is read.
-:meth:`Snapshot.read` returns a read-only NumPy view straight over the mapped file
-when the tensor is one chunk (it joins the chunks of a large tensor into one new
-array), after checking the XXH3-128 checksum of its bytes.
+Opening a snapshot maps its file and reads the Arrow footer and the snapshot
+metadata, which lists every row's tensor name (``row_names``); a tensor read fetches
+only its own record batches. The small columns of every row (statistics, shapes)
+are read together, once, the first time a listing asks for them. No tensor bytes
+are touched until a tensor is read. :meth:`Snapshot.read` returns a read-only NumPy
+view straight over the mapped file when the tensor is one chunk (it joins the
+chunks of a large tensor into one new array), after checking the XXH3-128 checksum
+of its bytes. Every batch read is validated (``validate(full=True)``) and checked
+against the metadata, so a damaged file is an :class:`IntegrityError`, never a
+crash or a wrong answer.
 """
 
 from __future__ import annotations
@@ -18,15 +23,25 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from weightatlas.errors import FormatError, IntegrityError, NotFoundError
+from weightatlas.errors import (
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    PathEscapeError,
+    UnsupportedError,
+    WeightAtlasError,
+)
 from weightatlas.storage._blobs import read_blob
 from weightatlas.storage._dtypes import dtype_from_name
 from weightatlas.storage._format import INFO_COLUMNS, SCHEMA, decode_metadata
 from weightatlas.storage._integrity import file_checksum
 from weightatlas.storage._mmap import MappedFile
 from weightatlas.storage._record import to_source_layout
+from weightatlas.storage._refs import ref
 
 __all__ = ["Snapshot", "TensorInfo"]
+
+_DATA = SCHEMA.get_field_index("data")
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,11 @@ class Snapshot:
 
     Get one from :meth:`weightatlas.storage.Store.snapshot` or open a file directly.
 
+    Args:
+        path: The snapshot file.
+        expect: ``(model, step, tag)`` the file must hold (the store passes what its
+            path says, so a renamed or copied file is caught).
+
     Example:
         >>> from weightatlas.storage import RecordsSource, TensorRecord
         >>> w = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -71,32 +91,45 @@ class Snapshot:
         (['fc.weight'], np.float32(15.0), 2.5)
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str],
+                 expect: tuple[str, int | None, str | None] | None = None) -> None:
         self.path = os.fspath(path)
         try:
             self._file = MappedFile(self.path)
-            mapped = self._file.buffer
         except FileNotFoundError as e:
             raise NotFoundError(f"{self.path}: snapshot file does not exist") from e
         except (OSError, ValueError) as e:
             raise IntegrityError(f"{self.path}: cannot open snapshot: {e}") from e
         try:
-            reader = pa.ipc.open_file(pa.BufferReader(mapped))
-            self.metadata: dict[str, Any] = decode_metadata(reader.schema, self.path)
-            if reader.schema.remove_metadata() != SCHEMA:
-                raise FormatError(f"{self.path}: columns differ from the snapshot schema")
-            self._table = reader.read_all()
-            self._table.validate(full=True)
+            self._reader = pa.ipc.open_file(pa.BufferReader(self._file.buffer))
+            schema = self._reader.schema
         except (pa.ArrowException, ValueError, OSError) as e:
             raise IntegrityError(f"{self.path}: snapshot file is damaged: {e}") from e
-        self._data_loc = [
-            (c, j) for c, chunk in enumerate(self._table.column("data").chunks)
-            for j in range(len(chunk))
-        ]
-        names = self._table.column("name").to_pylist()
+        self.metadata: dict[str, Any] = decode_metadata(schema, self.path)
+        if schema.remove_metadata() != SCHEMA:
+            raise FormatError(f"{self.path}: columns differ from the snapshot schema")
+        self._check_identity(expect)
+        self._table_cache: pa.Table | None = None
+        self._batches: dict[int, pa.RecordBatch] = {}
+        names = self.metadata.get("row_names")
+        if not (isinstance(names, list) and len(names) == self._reader.num_record_batches
+                and all(isinstance(n, str) for n in names)):
+            raise IntegrityError(f"{self.path}: snapshot metadata does not list its "
+                                 f"{self._reader.num_record_batches} rows")
+        self._row_names: list[str] = names
         self._rows: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             self._rows.setdefault(name, []).append(i)
+
+    def _check_identity(self, expect: tuple[str, int | None, str | None] | None) -> None:
+        meta = self.metadata
+        for key in ("model", "step", "tag", "n_tensors", "nbytes"):
+            if key not in meta:
+                raise IntegrityError(f"{self.path}: snapshot metadata lacks {key!r}")
+        if expect is not None and (meta["model"], meta["step"], meta["tag"]) != expect:
+            held = ref(meta["model"], meta["step"], meta["tag"])
+            raise IntegrityError(f"{self.path}: the file holds snapshot {held} but its place "
+                                 f"in the store says {ref(*expect)} (renamed or copied?)")
 
     # ---- identity -------------------------------------------------------------------
     @property
@@ -117,34 +150,56 @@ class Snapshot:
     @property
     def ref(self) -> str:
         """``model@step`` or ``model@tag``."""
-        return f"{self.model}@{self.step if self.step is not None else self.tag}"
+        return ref(self.model, self.step, self.tag)
 
     def __repr__(self) -> str:
         return f"Snapshot({self.ref!r}, tensors={len(self._rows)}, path={self.path!r})"
 
     def _repr_html_(self, max_rows: int = 50) -> str:
         """A table of the tensors and their statistics, for Jupyter (names escaped)."""
-        import html
+        from weightatlas.storage._html import snapshot_html
 
-        def num(v: Any) -> str:
-            return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+        return snapshot_html(self, max_rows)
 
-        cols = ("name", "kind", "dtype", "shape", "mean", "std", "abs_max", "frac_zero",
-                "n_nan", "n_inf")
-        rows = self.tensors().select(list(cols)).slice(0, max_rows).to_pylist()
-        head = "".join(f"<th>{c}</th>" for c in cols)
-        body = "".join(
-            "<tr>" + "".join(
-                f"<td>{html.escape('×'.join(map(str, r[c])) if c == 'shape' else num(r[c]))}</td>"
-                for c in cols) + "</tr>"
-            for r in rows
-        )
+    # ---- rows -------------------------------------------------------------------------
+    def _damaged(self, what: str, e: BaseException | None = None) -> IntegrityError:
+        detail = f": {e}" if e is not None else ""
+        return IntegrityError(f"{self.path}: snapshot file is damaged ({what}){detail}")
+
+    def _batch(self, i: int) -> pa.RecordBatch:
+        """Row ``i``, validated and checked against the metadata."""
+        batch = self._batches.get(i)
+        if batch is not None:
+            return batch
+        try:
+            batch = self._reader.get_batch(i)
+            batch.validate(full=True)
+        except (pa.ArrowException, ValueError, OSError) as e:
+            raise self._damaged(f"row {i}", e) from e
+        self._check_rows(batch, [self._row_names[i]])
+        self._batches[i] = batch
+        return batch
+
+    def _check_rows(self, rows: pa.RecordBatch | pa.Table, names: list[str]) -> None:
         meta = self.metadata
-        more = (f"<p>… {len(self) - max_rows} more tensors</p>" if len(self) > max_rows else "")
-        return (f"<p><b>{html.escape(self.ref)}</b>: {meta['n_tensors']} tensors, "
-                f"{meta['n_params']:,} values, {html.escape(str(meta['framework']))} from "
-                f"{html.escape(str(meta['source_file']))}</p>"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}")
+        if rows.column("name").to_pylist() != names:
+            raise self._damaged("row names differ from the metadata's")
+        for key in ("model", "step", "tag"):
+            if set(rows.column(key).to_pylist()) - {meta[key]}:
+                raise self._damaged(f"a row's {key} differs from the metadata's")
+
+    @property
+    def _table(self) -> pa.Table:
+        """Every row (all columns, zero-copy), read and validated once, on demand."""
+        if self._table_cache is None:
+            try:
+                table = self._reader.read_all()
+                table.validate(full=True)
+            except (pa.ArrowException, ValueError, OSError) as e:
+                raise self._damaged("rows", e) from e
+            self._check_rows(table, self._row_names)
+            self._table_cache = table
+        return self._table_cache
 
     # ---- listing ----------------------------------------------------------------------
     @property
@@ -172,22 +227,19 @@ class Snapshot:
         """
         first = [rows[0] for rows in self._rows.values()]
         table = self.rows().take(pa.array(first, pa.int64()))
-        totals = [self._nbytes(name) for name in self._rows]
+        nbytes = self._table.column("nbytes").to_pylist()
+        totals = [sum(nbytes[i] for i in rows) for rows in self._rows.values()]
         idx = table.schema.get_field_index("nbytes")
         return table.set_column(idx, "nbytes", pa.array(totals, pa.int64()))
 
-    def _nbytes(self, name: str) -> int:
-        col = self._table.column("nbytes")
-        return sum(col[i].as_py() for i in self._rows[name])
-
     def info(self, name: str) -> TensorInfo:
         """Metadata and statistics of one tensor."""
-        row = self._table.slice(self._row_indices(name)[0], 1).select(INFO_COLUMNS)
-        d = {k: v[0] for k, v in row.to_pydict().items()}
+        rows = self._row_indices(name)
+        d = {k: v[0] for k, v in self._batch(rows[0]).select(INFO_COLUMNS).to_pydict().items()}
         fields = {k: d[k] for k in TensorInfo.__dataclass_fields__ if k in d}
         for k in ("shape", "layout", "source_layout", "source_shape"):
             fields[k] = tuple(fields[k])
-        fields["nbytes"] = self._nbytes(name)
+        fields["nbytes"] = sum(self._batch(i).column("nbytes")[0].as_py() for i in rows)
         return TensorInfo(**fields)
 
     def _row_indices(self, name: str) -> list[int]:
@@ -203,21 +255,20 @@ class Snapshot:
 
     # ---- reading ----------------------------------------------------------------------
     def _row_buffer(self, i: int, name: str, verify: bool) -> pa.Buffer:
-        c, j = self._data_loc[i]
-        data = self._table.column("data").chunk(c)
-        at = data.offset + j
-        offsets = np.frombuffer(data.buffers()[1], np.int64)[at : at + 2]
+        batch = self._batch(i)
+        data = batch.column(_DATA)
+        offsets = np.frombuffer(data.buffers()[1], np.int64)[data.offset : data.offset + 2]
         buf = data.buffers()[2].slice(int(offsets[0]), int(offsets[1] - offsets[0]))
-        expected = self._table.column("nbytes")[i].as_py()
+        expected = batch.column("nbytes")[0].as_py()
         if buf.size != expected:
             raise IntegrityError(f"{self.path}: tensor {name!r}: row {i} holds {buf.size} bytes, "
                                  f"its nbytes column says {expected}")
         if verify:
             actual = xxhash.xxh3_128(buf).hexdigest()
-            stored = self._table.column("checksum")[i].as_py()
+            stored = batch.column("checksum")[0].as_py()
             if actual != stored:
                 raise IntegrityError(
-                    f"{self.path}: tensor {name!r} (chunk {self._table.column('chunk')[i]}) is "
+                    f"{self.path}: tensor {name!r} (chunk {batch.column('chunk')[0]}) is "
                     f"damaged: checksum {actual} does not match the stored {stored}; "
                     "run `weightatlas verify` and re-ingest the snapshot"
                 )
@@ -236,10 +287,17 @@ class Snapshot:
             NotFoundError: No tensor of that name.
             IntegrityError: The stored bytes do not match their checksum.
         """
+        if layout not in ("canonical", "source"):
+            raise UnsupportedError(f"layout must be 'canonical' or 'source', got {layout!r}")
         rows = self._row_indices(name)
-        info = self._table.slice(rows[0], 1)
-        dtype = dtype_from_name(info.column("dtype")[0].as_py())
-        shape = tuple(info.column("shape")[0].as_py())
+        first = self._batch(rows[0])
+        try:
+            dtype = dtype_from_name(first.column("dtype")[0].as_py())
+        except UnsupportedError as e:
+            raise IntegrityError(f"{self.path}: tensor {name!r}: {e}") from None
+        shape = tuple(first.column("shape")[0].as_py())
+        if any(d < 0 for d in shape):
+            raise IntegrityError(f"{self.path}: tensor {name!r}: negative shape {list(shape)}")
         expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if len(rows) == 1:
             buf = self._row_buffer(rows[0], name, verify)
@@ -248,30 +306,37 @@ class Snapshot:
                                      f"shape {list(shape)} {dtype} needs {expected}")
             array = np.frombuffer(buf, dtype=dtype).reshape(shape)
         else:
-            array = np.empty(shape, dtype=dtype)
-            flat = array.reshape(-1).view(np.uint8)
-            at = 0
-            for i in rows:
-                buf = self._row_buffer(i, name, verify)
-                if at + buf.size > expected:
-                    raise IntegrityError(f"{self.path}: tensor {name!r}: chunks hold more than "
-                                         f"shape {list(shape)} {dtype} needs ({expected} bytes)")
-                flat[at : at + buf.size] = np.frombuffer(buf, np.uint8)
-                at += buf.size
-            if at != expected:
-                raise IntegrityError(f"{self.path}: tensor {name!r}: chunks hold {at} bytes, "
-                                     f"shape {list(shape)} {dtype} needs {expected}")
-            array.flags.writeable = False
+            array = self._join(name, rows, shape, dtype, expected, verify)
         if layout == "canonical":
             return array
-        if layout == "source":
+        try:
             return to_source_layout(
                 array,
-                info.column("layout")[0].as_py(),
-                info.column("source_layout")[0].as_py(),
-                info.column("source_shape")[0].as_py(),
+                first.column("layout")[0].as_py(),
+                first.column("source_layout")[0].as_py(),
+                first.column("source_shape")[0].as_py(),
             )
-        raise ValueError(f"layout must be 'canonical' or 'source', got {layout!r}")
+        except ValueError as e:
+            raise IntegrityError(f"{self.path}: tensor {name!r}: its source layout cannot be "
+                                 f"restored: {e}") from e
+
+    def _join(self, name: str, rows: list[int], shape: tuple[int, ...], dtype: np.dtype,
+              expected: int, verify: bool) -> np.ndarray:
+        array = np.empty(shape, dtype=dtype)
+        flat = array.reshape(-1).view(np.uint8)
+        at = 0
+        for i in rows:
+            buf = self._row_buffer(i, name, verify)
+            if at + buf.size > expected:
+                raise IntegrityError(f"{self.path}: tensor {name!r}: chunks hold more than "
+                                     f"shape {list(shape)} {dtype} needs ({expected} bytes)")
+            flat[at : at + buf.size] = np.frombuffer(buf, np.uint8)
+            at += buf.size
+        if at != expected:
+            raise IntegrityError(f"{self.path}: tensor {name!r}: chunks hold {at} bytes, "
+                                 f"shape {list(shape)} {dtype} needs {expected}")
+        array.flags.writeable = False
+        return array
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.read(name)
@@ -296,7 +361,10 @@ class Snapshot:
 
     # ---- integrity --------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Recompute every checksum; return the problems found (empty when intact)."""
+        """Recompute every checksum (whole file, every row, every attachment).
+
+        Returns the problems found, empty when the snapshot is intact.
+        """
         problems = []
         stored, actual = file_checksum(self.path)
         if stored != actual:
@@ -305,17 +373,21 @@ class Snapshot:
         for name in self.attachments:
             try:
                 self.attachment(name)
-            except (IntegrityError, NotFoundError) as e:
+            except (IntegrityError, NotFoundError, PathEscapeError) as e:
                 problems.append(str(e))
         base = self._file.buffer.address
         for name, rows in self._rows.items():
             for i in rows:
                 try:
                     buf = self._row_buffer(i, name, verify=True)
-                except IntegrityError as e:
+                except WeightAtlasError as e:
                     problems.append(str(e))
                 else:  # keep resident memory flat while checking a large snapshot
                     self._file.release(buf.address - base, buf.address - base + buf.size)
+        try:
+            self._table  # noqa: B018 - reads and checks the small columns of every row
+        except WeightAtlasError as e:
+            problems.append(str(e))
         return problems
 
     def close(self) -> None:
@@ -323,7 +395,8 @@ class Snapshot:
 
         The memory map is unmapped once no array read from it is alive.
         """
-        self._table = self._table.slice(0, 0)
+        self._table_cache = None
+        self._batches = {}
         self._rows = {}
 
     def __enter__(self) -> Snapshot:

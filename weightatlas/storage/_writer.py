@@ -212,6 +212,9 @@ def snapshot_metadata(
         "n_rows": plan.rows.num_rows,
         "n_params": plan.n_params,
         "nbytes": plan.nbytes,
+        # The tensor of every row, in row order: a reader finds a tensor's rows from the
+        # footer alone, without reading every row's columns.
+        "row_names": plan.rows.column("name").to_pylist(),
     }
 
 
