@@ -73,6 +73,10 @@ class Entry:
         return n
 
 
+class _TooManyObjectsError(Exception):
+    pass
+
+
 class _DuplicateKeyError(Exception):
     def __init__(self, key: str, pairs: list[tuple[str, Any]]) -> None:
         super().__init__(key)
@@ -95,13 +99,29 @@ def _no_constants(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
-def _load_json(raw: bytes, label: str, what: str) -> Any:
+def _load_json(raw: bytes, label: str, what: str, max_objects: int | None = None) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"{label}: {what} is not valid UTF-8 (byte {e.start}: {e.reason})") from e
+    count = 0
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # Counting objects as they are built bounds memory and time whatever the text
+        # looks like (a count of the raw bytes misses keys written with JSON escapes).
+        nonlocal count
+        count += 1
+        if max_objects is not None and count > max_objects:
+            raise _TooManyObjectsError
+        return _no_duplicates(pairs)
+
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        return json.loads(text, object_pairs_hook=hook, parse_constant=_no_constants)
+    except _TooManyObjectsError:
+        raise ResourceLimitError(
+            f"{label}: {what} holds more than {max_objects} JSON objects; at most one per "
+            "tensor is allowed (raise max_tensors)"
+        ) from None
     except _DuplicateKeyError as e:
         if e.nested or what != "header":
             raise FormatError(
@@ -194,7 +214,8 @@ def parse_header(
         raise ResourceLimitError(
             f"{label}: header lists more than {max_tensors} tensors (raise max_tensors)"
         )
-    header = _load_json(raw, label, "header")
+    # One object per tensor, plus the header itself and __metadata__.
+    header = _load_json(raw, label, "header", max_objects=max_tensors + 2)
     if not isinstance(header, dict):
         raise FormatError(
             f"{label}: expected the header to be a JSON object, found {type(header).__name__}"

@@ -281,8 +281,15 @@ class SafetensorsSource:
             if not data.flags.aligned:
                 data = data.copy()  # 1-aligned writers exist; keep every array aligned
         kind, layout = _naming.infer(entry.name, entry.shape, self._shapes)
+        source_layout = layout
+        if kind == "conv_transpose" and data.ndim >= 3:
+            # PyTorch keeps ConvTranspose weights [in, out, *spatial]; the canonical conv
+            # layout is [out, in, *spatial]: a transposed view, restored on request.
+            data = data.swapaxes(0, 1)
+            layout = (layout[1], layout[0], *layout[2:])
         try:
-            return TensorRecord(entry.name, data, kind=kind, layout=layout, source_layout=layout)
+            return TensorRecord(entry.name, data, kind=kind, layout=layout,
+                                source_layout=source_layout)
         except WeightAtlasError as e:
             raise type(e)(f"{shard.label}: {e}") from e
 
