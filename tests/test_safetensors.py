@@ -32,7 +32,7 @@ from weightatlas.errors import (
     UnsupportedError,
     WeightAtlasError,
 )
-from weightatlas.storage._source import TensorSource
+from weightatlas.storage import TensorSource, to_source_layout
 
 
 def _fuzz(examples: int) -> settings:
@@ -209,7 +209,7 @@ EXPECTED = {
     "bn.running_var": ("norm", ("channel",)),
     "bn.num_batches_tracked": ("norm", ()),
     "conv1d.weight": ("conv1d", ("out", "in", "w")),
-    "deconv.weight": ("conv_transpose", ("in", "out", "h", "w")),
+    "deconv.weight": ("conv_transpose", ("out", "in", "h", "w")),
     "deconv.bias": ("conv_transpose", ("out",)),
     "norm.weight": ("norm", ("channel",)),
     "norm.bias": ("norm", ("channel",)),
@@ -240,9 +240,16 @@ def test_real_model_counts_kinds_and_layouts(tmp_path: Path, saver: str) -> None
     assert sum(r.data.size for r in records.values()) == numel
     assert source.nbytes() == sum(t.numel() * t.element_size() for t in state.values())
     for name, (kind, layout) in EXPECTED.items():
-        assert (records[name].kind, records[name].layout) == (kind, layout), name
-        assert records[name].source_layout == layout
-        np.testing.assert_array_equal(records[name].data, state[name].numpy())
+        rec = records[name]
+        assert (rec.kind, rec.layout) == (kind, layout), name
+        original = to_source_layout(rec.data, rec.layout, rec.source_layout, rec.source_shape)
+        np.testing.assert_array_equal(original, state[name].numpy())
+        if name != "deconv.weight":
+            assert rec.source_layout == layout
+    # ConvTranspose keeps [in, out, h, w] in PyTorch: stored canonically as [out, in, h, w].
+    deconv = records["deconv.weight"]
+    assert deconv.source_layout == ("in", "out", "h", "w")
+    np.testing.assert_array_equal(deconv.data, state["deconv.weight"].numpy().swapaxes(0, 1))
     assert records["lstm.weight_ih_l0"].module == "lstm"
     assert records["lstm.weight_ih_l0"].param == "weight_ih_l0"
     assert source.metadata()["metadata"] == {"format": "pt"}
@@ -716,6 +723,16 @@ def test_tensor_count_limits(tmp_path: Path) -> None:
         ResourceLimitError, match=r"header length \d+ bytes exceeds the limit of 1000"
     ):
         sft.read(path, max_header_bytes=1000)
+    # Keys written with JSON escapes slip past a byte count; counting objects as they are
+    # built still refuses the header before all of it is built.
+    escaped = ",".join(
+        f'"t{i}":{{"dtype":"U8","shape":[1],"data_offset\\u0073":[{i},{i + 1}]}}'
+        for i in range(200_000)
+    )
+    path = put(tmp_path, "escaped.safetensors", pack("{" + escaped + "}", b"\0" * 200_000))
+    with pytest.raises(ResourceLimitError, match=r"escaped\.safetensors: header holds more "
+                       r"than 150002 JSON objects"):
+        sft.read(path)
 
 
 def test_missing_and_odd_paths(tmp_path: Path) -> None:
