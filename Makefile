@@ -12,10 +12,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch is pinned to the CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+# torch is pinned first to the 2.13.0 wheel (on these machines a CPU build served from
+# local disk): an unpinned torch would pull a newer, multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev,torch]"
+	$(BIN)/python -m pip install --quiet -e ".[all]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,7 +12,16 @@ the source file again; ingest of a 4 GB file with peak RSS < 1 GB above the
 interpreter's baseline. Timings are medians of interleaved repeats with the files in
 the page cache (dropping caches needs privileges the benchmark machines lack).
 
+ONNX (issue 3, ``--only onnx``): a generated transformer-like model of ``--onnx-mb`` MB
+(>= 500) with external data, half its weights ``MatMul`` initializers stored ``[in, out]``
+(as the TorchScript exporter writes them, so ingest transposes them) and half ``Gemm``
+weights with ``transB=1``, against (a) ``onnx.load`` plus ``numpy_helper.to_array`` of
+every initializer; (b) writing the same bytes with fsync is shown too, since ingest
+writes a snapshot and (a) writes nothing. Target: ingest <= 1.5x (a); peak RSS bounded
+by the largest tensor, not the model (both measured in child processes).
+
     python bench/ingest.py [--gb 1] [--rss-gb 4] [--repeats 3] [--workdir bench/_data]
+                           [--only all|safetensors|onnx] [--onnx-mb 600]
 """
 
 from __future__ import annotations
@@ -190,17 +199,190 @@ def bench_rss(path: Path, work: Path) -> dict:
             "ru_maxrss_MB": int(maxrss) / 1e6, "ingest_s": float(elapsed)}
 
 
+# ---- ONNX ------------------------------------------------------------------------------
+
+ONNX_DIM = 1024  # blocks of d -> 4d -> d: 16 MB float32 matrices
+
+
+def generate_onnx(path: Path, mb: float) -> None:
+    """Stream a model of about ``mb`` MB into ``path`` plus ``path.data`` (external data)."""
+    if path.exists():
+        return
+    import onnx
+    from onnx import TensorProto, helper
+
+    d, rng = ONNX_DIM, np.random.default_rng(0)
+    per_block = (2 * d * 4 * d + 4 * d + d + 2 * d) * 4
+    blocks = max(1, round(mb * 1e6 / per_block))
+    data_name = path.name + ".data"
+    inits, nodes, offset = [], [], 0
+    with open(path.parent / data_name, "wb") as f:
+
+        def tensor(name: str, shape: tuple[int, ...]) -> str:
+            nonlocal offset
+            values = rng.standard_normal(shape, dtype=np.float32) * 0.02
+            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape,
+                            data_location=TensorProto.EXTERNAL)
+            for k, v in (("location", data_name), ("offset", str(offset)),
+                         ("length", str(values.nbytes))):
+                t.external_data.add(key=k, value=v)
+            f.write(values.tobytes())
+            offset += values.nbytes
+            pad = -offset % 4096  # page-aligned, as onnx's writer recommends
+            f.write(b"\0" * pad)
+            offset += pad
+            inits.append(t)
+            return name
+
+        x = "x"
+        for i in range(blocks):
+            up = tensor(f"onnx::MatMul_{i}", (d, 4 * d))  # [in, out]
+            nodes.append(helper.make_node("MatMul", [x, up], [f"u{i}"],
+                                          name=f"/layers.{i}/mlp/up/MatMul"))
+            nodes.append(helper.make_node("Add", [f"u{i}", tensor(f"layers.{i}.mlp.up.bias",
+                                                                  (4 * d,))], [f"a{i}"]))
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"]))
+            down = tensor(f"layers.{i}.mlp.down.weight", (d, 4 * d))  # [out, in]
+            bias = tensor(f"layers.{i}.mlp.down.bias", (d,))
+            nodes.append(helper.make_node("Gemm", [f"r{i}", down, bias], [f"g{i}"], transB=1))
+            scale = tensor(f"layers.{i}.norm.weight", (d,))
+            shift = tensor(f"layers.{i}.norm.bias", (d,))
+            nodes.append(helper.make_node("LayerNormalization", [f"g{i}", scale, shift],
+                                          [f"n{i}"]))
+            x = f"n{i}"
+    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("x", 1, [1, d])],
+                              [helper.make_tensor_value_info(x, 1, [1, d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    tmp = path.with_suffix(".tmp")
+    onnx.save(model, str(tmp))
+    tmp.rename(path)
+
+
+def time_onnx_load(path: Path) -> float:
+    """The baseline: onnx.load (external data read in) and every initializer as NumPy."""
+    import onnx
+    from onnx import numpy_helper
+
+    t = time.perf_counter()
+    model = onnx.load(str(path))
+    arrays = [numpy_helper.to_array(init) for init in model.graph.initializer]
+    elapsed = time.perf_counter() - t
+    del arrays, model
+    return elapsed
+
+
+def time_onnx_adapter(path: Path) -> float:
+    """The adapter alone: read and check the model, then two passes over every record
+    (as the store makes), each hashed so every byte is touched; no statistics, no writing."""
+    import xxhash
+
+    from weightatlas.adapters import onnx as onnx_adapter
+
+    t = time.perf_counter()
+    source = onnx_adapter.read(path)
+    for _ in range(2):
+        for rec in source.records():
+            xxhash.xxh3_128(np.ascontiguousarray(rec.data).data).hexdigest()
+    source.close()
+    return time.perf_counter() - t
+
+
+_RSS_ONNX_CHILD = r"""
+import sys, threading, time, psutil
+sys.path.insert(0, sys.argv[4])
+import numpy as np, onnx, weightatlas as wa, weightatlas.adapters.onnx
+from onnx import numpy_helper
+proc = psutil.Process()
+base = proc.memory_info().rss
+peak = [base]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.005)
+t = threading.Thread(target=sample, daemon=True); t.start()
+start = time.perf_counter()
+if sys.argv[1] == "ingest":
+    wa.ingest(sys.argv[2], store=sys.argv[3], model="rss").close()
+else:
+    model = onnx.load(sys.argv[2])
+    arrays = [numpy_helper.to_array(i) for i in model.graph.initializer]
+elapsed = time.perf_counter() - start
+done.set(); t.join()
+print(base, peak[0], elapsed)
+"""
+
+
+def bench_onnx(path: Path, work: Path, repeats: int) -> dict:
+    data = path.parent / (path.name + ".data")
+    size = path.stat().st_size + data.stat().st_size
+    raw = data.read_bytes()  # for (b); also warms the page cache
+    a, b, c, d = [], [], [], []
+    store_dir = work / "onnx_store"
+    for _ in range(repeats):  # interleaved
+        a.append(time_onnx_load(path))
+        b.append(time_write_bytes(raw, work / "copy.bin"))
+        c.append(time_ingest(path, store_dir))
+        d.append(time_onnx_adapter(path))
+    del raw
+    ma, mb, mc, md = (statistics.median(x) for x in (a, b, c, d))
+    snap = wa.open_store(store_dir, create=False).snapshot("bench")
+    n_tensors, largest = len(snap), max(snap.info(n).nbytes for n in snap.names)
+    snap.close()
+    shutil.rmtree(store_dir)
+    rss = {}
+    for mode in ("ingest", "onnx.load"):
+        rss_store = work / "onnx_rss_store"
+        shutil.rmtree(rss_store, ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", _RSS_ONNX_CHILD, mode, str(path),
+                              str(rss_store), str(ROOT)], capture_output=True, text=True,
+                             check=True)
+        base, peak, _ = out.stdout.split()
+        rss[mode] = (int(peak) - int(base)) / 1e6
+        shutil.rmtree(rss_store, ignore_errors=True)
+    return {"file": path.name, "bytes": size, "tensors": n_tensors,
+            "largest_tensor_MB": largest / 1e6, "a_onnx_load_to_array_s": ma,
+            "b_write_bytes_s": mb, "c_ingest_s": mc, "d_adapter_two_passes_s": md,
+            "ratio_c_over_a": mc / ma, "ratio_d_over_a": md / ma,
+            "ratio_c_over_a_plus_b": mc / (ma + mb), "ingest_GB_per_s": size / mc / 1e9,
+            "ingest_peak_rss_above_baseline_MB": rss["ingest"],
+            "onnx_load_peak_rss_above_baseline_MB": rss["onnx.load"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--rss-gb", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "_data")
+    parser.add_argument("--only", choices=("all", "safetensors", "onnx"), default="all")
+    parser.add_argument("--onnx-mb", type=float, default=600.0)
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
-    results = {"machine": machine(), "files": [], "rss": None}
+    results = {"machine": machine(), "files": [], "rss": None, "onnx": None}
+    if args.only in ("all", "onnx"):
+        path = work / f"bench-{args.onnx_mb:g}mb.onnx"
+        generate_onnx(path, args.onnx_mb)
+        r = bench_onnx(path, work, args.repeats)
+        results["onnx"] = r
+        print(f"\n{r['file']} (+ external data): {r['bytes'] / 1e9:.2f} GB, {r['tensors']} "
+              f"tensors, largest {r['largest_tensor_MB']:.0f} MB")
+        print(f"  (a) onnx.load + to_array {r['a_onnx_load_to_array_s']:.3f} s")
+        print(f"  (b) write bytes+fsync    {r['b_write_bytes_s']:.3f} s")
+        print(f"  (c) weightatlas ingest   {r['c_ingest_s']:.3f} s  "
+              f"({r['ingest_GB_per_s']:.2f} GB/s)")
+        print(f"  (d) the adapter alone    {r['d_adapter_two_passes_s']:.3f} s  (read + two passes "
+              "over the records, no statistics, no writing)")
+        print(f"  c / a = {r['ratio_c_over_a']:.2f}   (target <= 1.5); c / (a + b) = "
+              f"{r['ratio_c_over_a_plus_b']:.2f} (ingest also writes and fsyncs the snapshot); "
+              f"d / a = {r['ratio_d_over_a']:.2f}")
+        print(f"  peak RSS above baseline: ingest {r['ingest_peak_rss_above_baseline_MB']:.0f} MB, "
+              f"onnx.load {r['onnx_load_peak_rss_above_baseline_MB']:.0f} MB")
+    if args.only == "onnx":
+        (work / "ingest-results.json").write_text(json.dumps(results, indent=2))
+        return
     for dtype in ("F32", "BF16"):
         path = work / f"bench-{dtype.lower()}-{args.gb:g}g.safetensors"
         generate(path, args.gb, dtype)

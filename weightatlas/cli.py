@@ -90,11 +90,25 @@ def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
+_STEP_WORDS = re.compile(r"(?:step|checkpoint|ckpt|iter|iteration|epoch|global_step)"
+                         r"[-_=]?(\d+)", re.IGNORECASE)
+
+
 def _step_from_path(path: str) -> int | None:
-    """The last number in a checkpoint's path (``checkpoint-1200/model.safetensors`` -> 1200)."""
-    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    """A checkpoint's step, from the path as given (``ckpt/step-1200/model.safetensors``).
+
+    A number after ``step``, ``checkpoint``, ``ckpt``, ``iter`` or ``epoch`` wins, the
+    innermost first; otherwise the last number of the innermost folder or file name
+    holding one (the file name without its suffix, so ``llama2-7b.safetensors`` -> 7
+    only if nothing better is there).
+    """
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".", "..")]
     for part in reversed(parts):
-        numbers = re.findall(r"\d+", part)
+        named = _STEP_WORDS.findall(part)
+        if named:
+            return int(named[-1])
+    for part in reversed(parts):
+        numbers = re.findall(r"\d+", part.split(".")[0])
         if numbers:
             return int(numbers[-1])
     return None
@@ -133,6 +147,12 @@ def ingest_cmd(
             jobs.append((path, model, found, None))
         else:
             jobs.append((path, model or default_model_name(path), step, tag))
+    seen: dict[tuple[str, int | None, str | None], str] = {}
+    for path, name, st, tg in jobs:  # refuse duplicates before anything is written
+        if (name, st, tg) in seen and st is not None:
+            raise StoreError(f"{path}: step {st} of {name} again (also from "
+                             f"{seen[(name, st, tg)]}); ingest them one at a time with --step")
+        seen[(name, st, tg)] = path
     store = _store(create=True)
     for path, name, st, tg in jobs:
         _ingest_one(store, path, name, st, tg, overwrite, chunk_mb * 1024 * 1024)
@@ -182,14 +202,20 @@ def ls_cmd(
         table = Table("snapshot", "tensors", "values", "bytes", "framework", "source",
                       "created", box=None)
         for i in infos:
+            if i.problem:
+                table.add_row(i.ref, "DAMAGED", "", "", "", "", "")
+                continue
             table.add_row(i.ref, str(i.n_tensors), f"{i.n_params:,}", _human(i.nbytes),
                           i.framework, i.source_file, i.created[:16].replace("T", " "))
         out.print(table)
+        for i in infos:
+            if i.problem:
+                err.print(f"damaged: {i.problem}")
         return
     rows: list[dict[str, Any]] = []
     for name in store.models():
         infos = store.snapshots(name)
-        latest = infos[-1]
+        latest = store.latest(name)
         rows.append({"model": name, "snapshots": len(infos), "latest": latest.ref,
                      "n_tensors": latest.n_tensors, "n_params": latest.n_params,
                      "nbytes": sum(i.file_size for i in infos)})
@@ -245,7 +271,6 @@ def _show_snapshot(snap: Snapshot, as_json: bool) -> None:
 
 def _show_tensor(snap: Snapshot, name: str, as_json: bool, source_layout: bool) -> None:
     info = snap.info(name)
-    values = snap.read(name, layout="source" if source_layout else "canonical")
     if as_json:
         doc = dict(info.__dict__)
         doc["attrs"] = json.loads(info.attrs)
@@ -257,6 +282,7 @@ def _show_tensor(snap: Snapshot, name: str, as_json: bool, source_layout: bool) 
               f"[{', '.join(info.layout)}], source layout [{', '.join(info.source_layout)}]")
     out.print(f"  mean {_fmt(info.mean)}  std {_fmt(info.std)}  min {_fmt(info.min)}  "
               f"max {_fmt(info.max)}  abs max {_fmt(info.abs_max)}  l2 {_fmt(info.l2)}")
+    values = snap.read(name, layout="source" if source_layout else "canonical")
     out.print(f"  zeros {info.frac_zero:.2%}  NaN {info.n_nan}  Inf {info.n_inf}  "
               f"{info.n_chunks} chunk(s), {_human(info.nbytes)}")
     shown = values if values.dtype.kind in "fiub" else values.astype(np.float32)
@@ -278,6 +304,8 @@ def verify_cmd(
             out.print(f"{key}: " + ("ok" if not problems else "DAMAGED"))
             for p in problems:
                 out.print(f"  {p}")
+        if not results:
+            err.print("no snapshots to verify")
     if any(results.values()):
         raise typer.Exit(1)
 
@@ -294,9 +322,33 @@ def rm_cmd(
 
 @app.command("gc")
 def gc_cmd() -> None:
-    """Remove staging files left behind by interrupted writers."""
+    """Remove leftovers: staging files of killed writers and unused attachments."""
     removed = _store().gc()
-    out.print(f"removed {len(removed)} leftover staging file(s)")
+    for path in removed:
+        out.print(f"removed {path}")
+    out.print(f"removed {len(removed)} leftover file(s)")
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Annotated[str, typer.Argument(help="First snapshot: MODEL[@STEP|@TAG].",
+                                     show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second snapshot: MODEL[@STEP|@TAG].",
+                                     show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record per pair "
+                                                         "and the unmatched names.")] = False,
+    rows: Annotated[int, typer.Option(help="Pairs shown in the summary.")] = 20,
+) -> None:
+    """Align two snapshots tensor by tensor (any frameworks) and show their differences."""
+    from weightatlas.core.compare import compare
+
+    store = _store()
+    with store.snapshot(a) as sa, store.snapshot(b) as sb:
+        result = compare(sa, sb)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        out.print(result.summary(max_rows=rows))
 
 
 def _fail(message: str) -> NoReturn:

@@ -39,19 +39,23 @@ __all__ = [
 SUPPORTED_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 #: Formats recognised by name but not readable yet: file name ending -> format.
-PLANNED_FORMATS = {
-    ".onnx": "ONNX",
-    ".pt": "PyTorch pickle",
-    ".pth": "PyTorch pickle",
-    ".bin": "PyTorch pickle",
-    ".msgpack": "Flax msgpack",
-}
+PLANNED_FORMATS: dict[str, str] = {}
+
+#: ONNX models (read by adapters.onnx); a folder holding one ``.onnx`` file works too.
+_ONNX_SUFFIX = ".onnx"
+
+#: PyTorch and Flax file endings -> format (read by adapters.torch and adapters.jax).
+_FRAMEWORK_SUFFIXES = {".pt": "torch", ".pth": "torch", ".bin": "torch",
+                       ".msgpack": "flax_msgpack"}
+#: Files whose presence makes a folder an Orbax checkpoint.
+_ORBAX_MARKERS = ("_metadata", "_checkpoint_metadata", "manifest.ocdbt", "orbax.checkpoint")
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _supported() -> str:
-    return ", ".join(SUPPORTED_SUFFIXES) + ", or a folder holding them"
+    return (", ".join((*SUPPORTED_SUFFIXES, _ONNX_SUFFIX, *_FRAMEWORK_SUFFIXES))
+            + ", a folder holding them, or an Orbax checkpoint folder")
 
 
 def _not_yet(path: Path, fmt: str) -> UnsupportedError:
@@ -72,8 +76,10 @@ def _sniff(path: Path, size: int) -> str | None:
         if 2 <= n <= size - 8:
             return "safetensors"
     if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":
-        raise _not_yet(path, "PyTorch (zip or pickle)")
-    return None
+        return "torch"  # zip archive or legacy pickle: the torch reader refuses the latter
+    from weightatlas.adapters.onnx import looks_like_onnx
+
+    return "onnx" if looks_like_onnx(head) else None
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -83,12 +89,14 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         path: A file, or a folder holding a checkpoint.
 
     Returns:
-        ``"safetensors"`` (the only format read today).
+        ``"safetensors"``, ``"torch"`` (``.pt``/``.pth``/``.bin``, or a zip by its bytes),
+        ``"flax_msgpack"`` (``.msgpack``), ``"orbax"`` (a folder with Orbax metadata) or
+        ``"onnx"`` (``.onnx``, a folder holding one, or an ONNX protobuf by its bytes).
 
     Raises:
         NotFoundError: Nothing exists at ``path``.
-        UnsupportedError: A known format not read yet (ONNX, PyTorch, Flax msgpack),
-            or an unknown one; the message lists what is supported.
+        UnsupportedError: A known format not read yet, or an unknown one; the
+            message lists what is supported.
 
     Example:
         >>> import tempfile
@@ -111,6 +119,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             raise WeightAtlasError(f"{p}: cannot list: {e.strerror or e}") from e
         if any(n.endswith(SUPPORTED_SUFFIXES) for n in names):
             return "safetensors"
+        if any(n in _ORBAX_MARKERS for n in names):
+            return "orbax"
+        if any(n.endswith(_ONNX_SUFFIX) for n in names):
+            return "onnx"
         for suffix, fmt in PLANNED_FORMATS.items():
             if any(n.endswith(suffix) for n in names):
                 raise _not_yet(p, fmt)
@@ -120,11 +132,17 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     name = p.name.lower()
     if name.endswith(SUPPORTED_SUFFIXES):
         return "safetensors"
+    for suffix, fmt in _FRAMEWORK_SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    if name.endswith(_ONNX_SUFFIX):
+        return "onnx"
     for suffix, fmt in PLANNED_FORMATS.items():
         if name.endswith(suffix):
             raise _not_yet(p, fmt)
-    if stat.S_ISREG(st.st_mode) and _sniff(p, st.st_size) is not None:
-        return "safetensors"
+    sniffed = _sniff(p, st.st_size) if stat.S_ISREG(st.st_mode) else None
+    if sniffed is not None:
+        return sniffed
     raise UnsupportedError(f"{p}: unknown format; supported: {_supported()}")
 
 
@@ -134,8 +152,28 @@ def _read_safetensors(path: Path) -> TensorSource:
     return safetensors.read(path)
 
 
+def _read_onnx(path: Path) -> TensorSource:
+    from weightatlas.adapters import onnx
+
+    return onnx.read(path)
+
+
+def _read_torch(path: Path) -> TensorSource:
+    from weightatlas.adapters import torch
+
+    return torch.read(path)
+
+
+def _read_jax(path: Path) -> TensorSource:
+    from weightatlas.adapters import jax
+
+    return jax.read(path)
+
+
 #: Format name (as :func:`detect_format` returns it) -> reader.
-_READERS: dict[str, Callable[[Path], TensorSource]] = {"safetensors": _read_safetensors}
+_READERS: dict[str, Callable[[Path], TensorSource]] = {
+    "safetensors": _read_safetensors, "torch": _read_torch, "flax_msgpack": _read_jax,
+    "orbax": _read_jax, "onnx": _read_onnx}
 
 
 def open_source(path: str | os.PathLike[str]) -> TensorSource:

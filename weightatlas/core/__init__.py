@@ -1,4 +1,4 @@
-"""Computations against the store: spectra, projections, factors, trajectories.
+"""Computations against the store: comparisons, spectra, projections, factors, trajectories.
 
 The core layer reads :mod:`weightatlas.storage` snapshots and returns Arrow tables or
 NumPy arrays with documented columns; it never imports adapters, charts or the CLI.
@@ -6,8 +6,14 @@ NumPy arrays with documented columns; it never imports adapters, charts or the C
 
 from __future__ import annotations
 
+# Models rebuilt from the store (the ONNX graph attached to a snapshot)
+from weightatlas.core._onnx_model import graph_table, load_graph, load_model
+
 # Spectra of weight matrices
 from weightatlas.core._powerlaw import PowerLawFit, fit_power_law
+
+# Comparing snapshots, across frameworks
+from weightatlas.core.compare import PAIR_SCHEMA, Comparison, PairStats, align, compare, diff
 
 # Factors and connections (Distill "Visualizing Weights")
 from weightatlas.core.factors import FamilyFactors, neuron_rgb, one_sided_nmf, rank_connections
@@ -28,6 +34,17 @@ from weightatlas.core.spectrum import (
 from weightatlas.core.trajectory import TRAJECTORY_SCHEMA, trajectory
 
 __all__ = [
+    # Models rebuilt from the store
+    "graph_table",
+    "load_graph",
+    "load_model",
+    # Comparing snapshots
+    "PAIR_SCHEMA",
+    "Comparison",
+    "PairStats",
+    "align",
+    "compare",
+    "diff",
     # Spectra of weight matrices
     "SPECTRUM_SCHEMA",
     "MatrixSpectrum",

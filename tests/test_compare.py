@@ -1,0 +1,317 @@
+"""Cross-model and cross-framework comparison: alignment, differences, verdicts, outputs.
+
+The references: numpy float64 for every metric; the same weights moved between PyTorch,
+Flax, safetensors and ONNX by the test itself (so alignment must be complete and the
+differences zero); two seeds of one architecture (real differences); two training
+steps of the digits MLP (the trajectory case).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import weightatlas as wa
+from weightatlas.adapters import _naming, safetensors
+from weightatlas.core.compare import PAIR_SCHEMA, compare, diff
+from weightatlas.errors import NotFoundError, ShapeError
+from weightatlas.storage import RecordsSource, TensorRecord
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+
+from tests import framework_models as fm  # noqa: E402
+from weightatlas.adapters import jax as wj  # noqa: E402
+from weightatlas.adapters import torch as wt  # noqa: E402
+
+
+def reference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    d = a64 - b64
+    return (float(np.abs(d).max()), float(np.linalg.norm(d) / np.linalg.norm(a64)),
+            float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+       dtype=st.sampled_from(["float32", "float16", "bfloat16", "float64"]),
+       block=st.integers(1, 50), transpose=st.booleans(), seed=st.integers(0, 2**16))
+def test_metrics_match_numpy_float64(shape, dtype, block, transpose, seed):
+    rng = np.random.default_rng(seed)
+    kind = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    a = rng.normal(size=shape).astype(kind)
+    b = (a.astype(np.float64) + rng.normal(scale=0.1, size=shape)).astype(kind)
+    if transpose and a.ndim > 1:  # strided views are read row block by row block
+        a, b = a.T, b.T
+    s = diff(a, b, block=block)
+    want = reference(a, b)
+    # float64 pairs are computed in float64; narrower ones in float32 (module docstring)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    assert s.max_abs_diff == pytest.approx(want[0], rel=min(tol, 1e-7), abs=0)
+    assert s.rel_l2 == pytest.approx(want[1], rel=tol)
+    assert s.cosine == pytest.approx(want[2], rel=tol)
+
+
+def test_verdicts_tell_casts_from_changes():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=1000).astype(np.float32)
+    assert diff(a, a.copy()).verdict == "identical"
+    assert diff(a, a.astype(ml_dtypes.bfloat16)).verdict == "cast_bfloat16"
+    assert diff(a, a.astype(np.float16)).verdict == "cast_float16"
+    round_trip = a.astype(ml_dtypes.bfloat16).astype(np.float32)  # cast and back, same dtype
+    assert diff(a, round_trip).verdict == "cast_bfloat16"
+    assert diff(a.astype(np.float64), a).verdict == "identical"  # an exact up-cast
+    assert diff(a.astype(np.float64) + 1e-12, a).verdict == "cast_float32"
+    nudged = np.nextafter(a, np.float32(np.inf))  # one ulp: arithmetic, not a cast
+    assert diff(a, nudged).verdict == "rounding"
+    changed = diff(a, a * np.float32(1.001))
+    assert changed.verdict == "changed" and not changed.cast_consistent
+    assert diff(a, round_trip).cast_consistent
+    ints = diff(np.arange(5), np.arange(5) + 1)
+    assert ints.verdict == "changed" and ints.max_abs_diff == 1
+    nan = a.copy()
+    nan[3] = np.nan
+    s = diff(a, nan)
+    assert s.verdict == "changed" and s.n_nonfinite == 1
+    assert diff(nan, nan.copy()).verdict == "identical"
+    zeros = diff(np.zeros(3), np.zeros(3))
+    assert (zeros.rel_l2, zeros.cosine) == (0.0, None)
+    with pytest.raises(ShapeError, match=r"shapes \[3\] and \[4\]"):
+        diff(np.zeros(3), np.zeros(4))
+
+
+def test_torch_and_flax_transformers_with_the_same_weights_align_completely(store):
+    model = fm.torch_transformer(seed=1)
+    variables = fm.transformer_to_flax(model)
+    x = np.random.default_rng(0).integers(0, 64, (2, 12))
+    flax_out = np.asarray(fm.flax_modules()["FlaxTransformer"]().apply(variables, x))
+    np.testing.assert_allclose(flax_out, model(torch.from_numpy(x)).detach().numpy(),
+                               atol=2e-5)  # the test's own mapping is right
+    a = store.write(wt.from_module(model), "torch-tr")
+    b = store.write(wj.from_pytree(variables), "flax-tr")
+    result = compare(a, b)
+    assert result.complete, result.summary()
+    rows = {r["a"]: r for r in result.records()}
+    assert len(rows) == len(a) == len(b)
+    assert {r["verdict"] for r in rows.values()} == {"identical"}
+    assert {r["method"] for r in rows.values()} == {"hash"}
+    q = rows["layers.0.self_attn.q_proj.weight"]
+    assert (q["b"], q["transform"]) == ("layers_0.self_attn.query.kernel", "reshape")
+    assert rows["layers.1.self_attn.v_proj.bias"]["b"] == "layers_1.self_attn.value.bias"
+    assert rows["layers.1.self_attn.out_proj.weight"]["b"] == "layers_1.self_attn.out.kernel"
+    assert rows["layers.0.norm2.weight"]["b"] == "layers_0.norm2.scale"
+    assert rows["head.weight"]["b"] == "head.kernel"
+
+
+def onnx_source(model: torch.nn.Module, x: torch.Tensor, path: Path) -> RecordsSource:
+    """The initializers of a torch.onnx.export, read with onnx.numpy_helper."""
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter
+        torch.onnx.export(model, (x,), str(path), dynamo=False)
+    proto = onnx.load(str(path))
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    shapes = {k: v.shape for k, v in arrays.items()}
+    records = []
+    for name, array in arrays.items():
+        kind, layout = _naming.infer(name, array.shape, shapes)
+        records.append(TensorRecord(name, array, kind=kind, layout=layout))
+    return RecordsSource(records, label=path.name, framework="onnx")
+
+
+@pytest.mark.slow
+def test_one_model_from_flax_torch_onnx_and_safetensors_aligns_three_ways(tmp_path, store):
+    variables, _ = fm.train_flax_cnn()
+    model = fm.cnn_to_torch(variables)
+    x, _ = fm.digits_data()
+    xt = torch.from_numpy(x[:16].transpose(0, 3, 1, 2).copy())
+    flax_out = np.asarray(fm.flax_modules()["FlaxCNN"]().apply(variables, x[:16]))
+    np.testing.assert_allclose(model(xt).detach().numpy(), flax_out, atol=1e-5)
+    safetensors.write({k: v.numpy() for k, v in model.state_dict().items()},
+                      tmp_path / "cnn.safetensors")
+    snaps = {"flax": store.write(wj.from_pytree(variables), "cnn-flax"),
+             "onnx": store.write(onnx_source(model, xt, tmp_path / "cnn.onnx"), "cnn-onnx"),
+             "safetensors": wa.ingest(tmp_path / "cnn.safetensors", store=store),
+             "torch": store.write(wt.from_module(model), "cnn-torch")}
+    for left, right in (("flax", "onnx"), ("flax", "safetensors"), ("onnx", "safetensors"),
+                        ("torch", "flax"), ("torch", "onnx")):
+        result = compare(snaps[left], snaps[right])
+        assert result.complete, (left, right, result.summary())
+        assert result.pairs.num_rows == 6
+        assert set(result.pairs.column("verdict").to_pylist()) <= {"identical", "rounding"}
+        assert max(result.pairs.column("max_abs_diff").to_pylist()) <= 1e-6
+    rows = {r["a"]: r["b"] for r in compare(snaps["flax"], snaps["onnx"]).records()}
+    assert rows == {"Conv_0.kernel": "conv1.weight", "Conv_0.bias": "conv1.bias",
+                    "Conv_1.kernel": "conv2.weight", "Conv_1.bias": "conv2.bias",
+                    "Dense_0.kernel": "fc.weight", "Dense_0.bias": "fc.bias"}
+
+
+def test_two_seeds_align_by_structure_and_differ_for_real(store):
+    a = store.write(wt.from_module(fm.vgg_style(seed=0)), "vgg", step=0)
+    b = store.write(wt.from_module(fm.vgg_style(seed=1)), "vgg-seed1")
+    result = compare(a, b)
+    assert result.complete
+    rows = {r["a"]: r for r in result.records()}
+    for name, r in rows.items():
+        assert r["a"] == r["b"], name
+        if name.endswith("weight") and rows[name]["kind"] in ("conv2d", "linear"):
+            assert r["method"] == "structure" and r["verdict"] == "changed"
+            assert r["rel_l2"] > 0.5 and abs(r["cosine"]) < 0.3
+            ref = reference(a.read(name), b.read(name))
+            assert r["rel_l2"] == pytest.approx(ref[1], rel=1e-5)
+            assert r["cosine"] == pytest.approx(ref[2], rel=1e-5, abs=1e-6)
+            assert r["max_abs_diff"] == pytest.approx(ref[0], rel=1e-7)
+    # BatchNorm starts at ones/zeros in both seeds: equal contents, found by hash
+    assert rows["features.1.weight"]["method"] == "hash"
+    assert rows["features.1.weight"]["verdict"] == "identical"
+
+
+def test_renamed_and_reordered_model_aligns_by_structure(store):
+    """The same architecture with other names and other weights: structure, then names."""
+    model = fm.vgg_style(seed=0)
+    renamed = {}
+    for i, (k, v) in enumerate(model.state_dict().items()):
+        renamed[f"block{i // 6}.{k.replace('features', 'f').replace('classifier', 'c')}"] = v
+    other = {k: v.double().numpy() * 1.01 if v.is_floating_point() else v.numpy()
+             for k, v in renamed.items()}
+    a = store.write(wt.from_module(model), "orig")
+    b = store.write(wt.from_state_dict(other), "renamed")
+    result = compare(a, b)
+    assert result.complete
+    pairs = {r["a"]: r["b"] for r in result.records()}
+    for (k, _), r in zip(model.state_dict().items(), renamed, strict=True):
+        assert pairs[k] == r
+    verdicts = {r["a"]: r["verdict"] for r in result.records()}
+    assert verdicts["features.0.weight"] == "changed"
+
+
+def test_training_steps_compare_the_same_way(store, digits_checkpoints):
+    snaps = [wa.ingest(p, store=store, model="mlp", step=s)
+             for p, s in zip(digits_checkpoints, (1, 10, 60), strict=True)]
+    early = compare(snaps[0], snaps[2])
+    assert early.complete and early.pairs.num_rows == 6  # 64-32-10: three weights, biases
+    assert early.pairs.column("a").to_pylist() == early.pairs.column("b").to_pylist()
+    assert set(early.pairs.column("verdict").to_pylist()) == {"changed"}
+    late = compare(snaps[1], snaps[2])
+    change = dict(zip(late.pairs.column("a").to_pylist(), late.pairs.column("rel_l2").to_pylist(),
+                      strict=True))
+    first = dict(zip(early.pairs.column("a").to_pylist(),
+                     early.pairs.column("rel_l2").to_pylist(), strict=True))
+    assert change["fc1.weight"] < first["fc1.weight"]  # less moves between later steps
+    same = compare(snaps[2], snaps[2])
+    assert set(same.pairs.column("verdict").to_pylist()) == {"identical"}
+
+
+def test_bfloat16_copy_is_a_cast_not_a_change(store):
+    model = fm.lstm_tagger()
+    a = store.write(wt.from_module(model), "lstm32")
+    b = store.write(wt.from_module(model.to(torch.bfloat16)), "lstm16")
+    result = compare(a, b)
+    assert result.complete
+    assert set(result.pairs.column("verdict").to_pylist()) == {"cast_bfloat16"}
+    assert all(result.pairs.column("cast_consistent").to_pylist())
+
+
+def test_fused_attention_and_recurrent_gates_align_with_their_parts(tmp_path, store):
+    model = fm.torch_transformer(seed=2)
+    safetensors.write({k: v.numpy() for k, v in model.state_dict().items()},
+                      tmp_path / "tr.safetensors")
+    a = store.write(wt.from_module(model), "split")
+    b = wa.ingest(tmp_path / "tr.safetensors", store=store, model="fused")
+    result = compare(a, b)
+    assert result.complete
+    rows = {r["a"]: r for r in result.records()}
+    k = rows["layers.0.self_attn.k_proj.weight"]
+    assert (k["b"], k["b_rows"], k["method"], k["verdict"]) == (
+        "layers.0.self_attn.in_proj_weight", [32, 64], "hash", "identical")
+    lstm = torch.nn.LSTM(3, 4)
+    sd = {k: v.detach().numpy() for k, v in lstm.state_dict().items()}
+    gates = {}
+    for g, gate in enumerate("ifgo"):  # Flax LSTMCell: one Dense per gate, [in, out]
+        gates[f"cell.i{gate}.kernel"] = sd["weight_ih_l0"][g * 4:(g + 1) * 4].T.copy()
+        gates[f"cell.h{gate}.kernel"] = sd["weight_hh_l0"][g * 4:(g + 1) * 4].T.copy()
+    c = store.write(wt.from_module(lstm), "lstm")
+    d = store.write(wj.from_pytree(gates), "gates")
+    result = compare(c, d)
+    pairs = {(r["b"], tuple(r["a_rows"])): r["verdict"] for r in result.records()
+             if r["a_rows"]}
+    for g, gate in enumerate("ifgo"):
+        assert pairs[(f"cell.i{gate}.kernel", (4 * g, 4 * g + 4))] == "identical"
+        assert pairs[(f"cell.h{gate}.kernel", (4 * g, 4 * g + 4))] == "identical"
+    assert set(result.unmatched_a) == {"bias_ih_l0", "bias_hh_l0"}  # Flax has one bias
+
+
+def test_unmatched_tensors_are_listed_with_reasons_and_given_pairs_checked(store):
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    a = store.write(RecordsSource([TensorRecord("fc.weight", w),
+                                   TensorRecord("extra.weight", np.ones((7, 7), np.float32))]),
+                    "a")
+    b = store.write(RecordsSource([TensorRecord("fc.weight", np.ones((5, 4), np.float32))]), "b")
+    result = compare(a, b)
+    assert not result.complete and result.pairs.num_rows == 0
+    assert result.unmatched_a["fc.weight"] == ("shape [3, 4] differs from [5, 4] of the same "
+                                               "name on the other side")
+    assert result.unmatched_a["extra.weight"] == "no tensor of 49 values on the other side"
+    assert result.to_json()["unmatched"] == {"a": ["fc.weight", "extra.weight"],
+                                             "b": ["fc.weight"]}
+    with pytest.raises(ShapeError, match=r"cannot compare tensor 'fc\.weight' \[3, 4\] with "
+                                         r"'fc\.weight' \[5, 4\]"):
+        compare(a, b, mapping={"fc.weight": "fc.weight"})
+    with pytest.raises(NotFoundError, match="mapping names 'nope'"):
+        compare(a, b, mapping={"nope": "fc.weight"})
+    plain = store.write(RecordsSource([TensorRecord("w1", w.T.copy())]), "plain")
+    given_pair = compare(a, plain, mapping={"fc.weight": "w1"}).records()[0]
+    assert (given_pair["method"], given_pair["transform"], given_pair["verdict"]) == (
+        "given", "transpose(1, 0)", "identical")
+    square = np.arange(16, dtype=np.float32).reshape(4, 4)
+    c = store.write(RecordsSource([TensorRecord("fc.weight", square, kind="linear",
+                                                layout=("out", "in"))]), "sq")
+    d = store.write(RecordsSource([TensorRecord("w", square.T.copy())]), "sq-unnamed")
+    pair = compare(c, d, mapping={"fc.weight": "w"}).records()[0]
+    assert (pair["transform"], pair["verdict"]) == ("transpose(1, 0)", "identical")
+    assert "axes were unnamed" in pair["note"]
+
+
+def test_outputs_arrow_json_summary_and_cli(store, tmp_path, capsys):
+    from weightatlas.cli import main
+
+    model = fm.torch_transformer(seed=4)
+    a = store.write(wt.from_module(model), "m", step=1)
+    with torch.no_grad():
+        model.head.weight.mul_(2)
+    b = store.write(wt.from_module(model), "m", step=2)
+    result = compare(a, b)
+    assert result.pairs.schema == PAIR_SCHEMA
+    assert isinstance(result.pairs, pa.Table)
+    text = result.summary(max_rows=3)
+    assert text.splitlines()[0] == "compare m@1 with m@2"
+    assert "head.weight" in text.splitlines()[5]  # the largest change comes first
+    doc = json.loads(json.dumps(result.to_json()))
+    head = next(r for r in doc["pairs"] if r["a"] == "head.weight")
+    assert head["rel_l2"] == pytest.approx(1.0) and head["verdict"] == "changed"
+    assert set(head) >= {"a", "b", "method", "confidence", "max_abs_diff", "rel_l2", "cosine"}
+    assert run(main, "--store", str(store.root), "compare", "m@1", "m@2", "--json") == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert cli["pairs"] == doc["pairs"] and cli["unmatched"] == {"a": [], "b": []}
+    assert run(main, "--store", str(store.root), "compare", "m@1", "m@2", "--rows", "2") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("compare m@1 with m@2") and "verdicts: identical" in out
+    assert run(main, "--store", str(store.root), "compare", "m@1", "nope@3") == 1
+    assert "nope" in capsys.readouterr().err
+
+
+def run(main, *args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

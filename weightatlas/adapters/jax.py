@@ -1,0 +1,286 @@
+"""JAX in: Flax (Linen and NNX) and Equinox parameters, Flax msgpack and Orbax checkpoints.
+
+The same verbs as every adapter: :func:`from_pytree` takes a tree in memory (a Linen
+``variables`` or ``params`` dict, an ``nnx.Module``, an ``equinox.Module``, any pytree
+of arrays), :func:`read` opens a checkpoint file or folder, :func:`to_pytree` gives a
+snapshot back as nested dicts in the source's names and layouts. Each returns a
+:class:`~weightatlas.storage.TensorSource` in the canonical form: Dense kernels
+``[in, out]`` become ``[out, in]``, convolution kernels HWIO become OIHW, attention
+kernels keep their head axes (:mod:`._jax_layout` has the table), and every record
+keeps its source layout, so ``Snapshot.read(name, layout="source")`` is the original.
+
+Arrays are not copied: a CPU ``jax.Array`` is viewed through NumPy, a transposed
+kernel is a strided view, and msgpack leaves are views of the memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import stat
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weightatlas.adapters._jax_layout import LeafPlan, canonical
+from weightatlas.adapters._jax_orbax import MAX_BYTES, MAX_FILES, is_orbax, restore
+from weightatlas.adapters._jax_tree import Leaf, walk
+from weightatlas.errors import (
+    FormatError,
+    NotFoundError,
+    UnsafeInputError,
+    UnsupportedError,
+    WeightAtlasError,
+)
+from weightatlas.storage import Snapshot, SourceFile, TensorRecord
+
+__all__ = ["JaxSource", "from_pytree", "read", "to_pytree"]
+
+_HASH_CHUNK = 8 << 20
+#: Top-level keys of a training state whose weights are under ``params``.
+_TRAIN_STATE_KEYS = frozenset({"step", "opt_state", "tx", "apply_fn", "rng", "epoch"})
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == object:
+        raise UnsafeInputError("an object array is not a tensor")
+    return array
+
+
+class JaxSource:
+    """JAX arrays as a :class:`~weightatlas.storage.TensorSource`; made by :func:`from_pytree`
+    or :func:`read`. Records are views of the arrays (transposed where the canonical layout
+    asks) and may be iterated again; the arrays must not change between the two passes."""
+
+    framework = "jax"
+
+    def __init__(self, label: str, leaves: list[Leaf], plans: list[LeafPlan],
+                 facts: dict[str, Any], root: str | None = None,
+                 files: list[tuple[str, int, int, int, int]] | None = None) -> None:
+        self.label = label
+        self._leaves = leaves
+        self._plans = plans
+        self._facts = facts
+        self._root = root
+        self._file_facts = files or []
+        self._lock = threading.Lock()
+        self._files: list[SourceFile] | None = None
+
+    def __repr__(self) -> str:
+        return f"JaxSource({self.label!r}, tensors={len(self._plans)})"
+
+    def names(self) -> list[str]:
+        """Canonical tensor names, in the order :meth:`records` yields them."""
+        return [p.name for p in self._plans]
+
+    def records(self) -> Iterator[TensorRecord]:
+        """Yield one canonical :class:`TensorRecord` per array leaf, in tree order."""
+        for leaf, p in zip(self._leaves, self._plans, strict=True):
+            try:
+                data = _as_numpy(leaf.value)
+                if p.perm is not None:
+                    data = data.transpose(p.perm)
+                if data.shape != p.shape:
+                    data = data.reshape(p.shape)
+                yield TensorRecord(p.name, data, source_name=p.source_name, kind=p.kind,
+                                   layout=p.layout, source_layout=p.source_layout,
+                                   source_shape=p.source_shape, attrs=p.attrs)
+            except WeightAtlasError as e:
+                raise type(e)(f"{self.label}: tensor {p.source_name!r}: {e}") from e
+
+    def source_files(self) -> list[SourceFile]:
+        """The checkpoint file(s) with sha256, each re-checked against what was read."""
+        if self._root is None:
+            return []
+        with self._lock:
+            if self._files is None:
+                self._files = [SourceFile(rel, size, _sha256(self._root, rel, (dev, ino, size,
+                                                                               mtime)))
+                               for rel, size, dev, ino, mtime in self._file_facts]
+            return list(self._files)
+
+    def metadata(self) -> Mapping[str, Any]:
+        """JSON-safe facts: the format, the tree kind, the non-array leaves skipped."""
+        return dict(self._facts)
+
+    def nbytes(self) -> int:
+        """Total bytes of tensor data."""
+        return sum(int(_as_numpy(leaf.value).nbytes) for leaf in self._leaves)
+
+    def attachments(self) -> Mapping[str, bytes]:
+        """No graph is attached for JAX sources."""
+        return {}
+
+
+def _sha256(root: str, rel: str, ident: tuple[int, int, int, int]) -> str:
+    path = os.path.join(root, rel)
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise UnsafeInputError(f"{path}: cannot re-open for hashing: {e.strerror or e}") from e
+    digest = hashlib.sha256()
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != ident:
+            raise FormatError(f"{path}: file changed since it was read; read it again")
+        with open(fd, "rb", buffering=_HASH_CHUNK, closefd=False) as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as e:
+        raise WeightAtlasError(f"{path}: cannot read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def _source(label: str, tree: Any, facts: dict[str, Any], root: str | None = None,
+            files: list[tuple[str, int, int, int, int]] | None = None) -> JaxSource:
+    leaves, skipped, kind = walk(tree)
+    shapes = []
+    for leaf in leaves:
+        shape = tuple(int(d) for d in np.shape(leaf.value))
+        shapes.append(shape)
+    plans = canonical(leaves, shapes)
+    seen: dict[str, str] = {}
+    for p in plans:
+        if p.name in seen:
+            raise FormatError(f"{label}: {p.source_name!r} and {seen[p.name]!r} both become "
+                              f"tensor {p.name!r}")
+        seen[p.name] = p.source_name
+    facts = {**facts, "tree": kind}
+    if skipped:
+        facts["skipped_leaves"] = len(skipped)
+        facts["skipped_examples"] = skipped[:20]
+    return JaxSource(label, leaves, plans, facts, root, files)
+
+
+def from_pytree(tree: Any, *, label: str | None = None) -> JaxSource:
+    """Parameters in memory: a Flax Linen dict, an NNX or Equinox module, any pytree.
+
+    Args:
+        tree: ``model.init(...)`` variables or their ``params``; an ``nnx.Module``; an
+            ``equinox.Module``; or any pytree whose leaves are arrays.
+        label: Name for messages and metadata (default: the tree's class name).
+
+    Example:
+        >>> import jax, flax.linen as nn
+        >>> params = nn.Dense(3).init(jax.random.key(0), np.ones((1, 4)))
+        >>> [(r.name, r.shape, r.source_layout) for r in from_pytree(params).records()]
+        [('kernel', (3, 4), ('in', 'out')), ('bias', (3,), ('out',))]
+    """
+    return _source(label or type(tree).__name__, tree, {"format": "pytree"})
+
+
+def _weights(tree: Any) -> tuple[Any, dict[str, Any]]:
+    """A training state's weights (its ``params`` and ``batch_stats``), else the tree."""
+    facts: dict[str, Any] = {}
+    if isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping) and (
+        set(tree) & _TRAIN_STATE_KEYS
+    ):
+        keep = {k: tree[k] for k in ("params", "batch_stats") if isinstance(tree.get(k), Mapping)}
+        facts["other_keys"] = sorted(str(k) for k in tree if k not in keep)
+        step = tree.get("step")
+        if isinstance(step, int | np.integer) or (isinstance(step, np.ndarray) and step.size == 1):
+            facts["step"] = int(np.asarray(step).reshape(-1)[0])
+        return keep, facts
+    return tree, facts
+
+
+def _read_msgpack(path: str) -> JaxSource:
+    from weightatlas.adapters._jax_msgpack import parse
+
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise WeightAtlasError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeInputError(f"{path}: expected a regular file")
+        if st.st_size == 0:
+            raise FormatError(f"{path}: empty file")
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise WeightAtlasError(f"{path}: cannot map: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    tree = parse(mm, path)
+    if not isinstance(tree, Mapping):
+        raise FormatError(f"{path}: holds a {type(tree).__name__}, expected a map of arrays")
+    tree, facts = _weights(tree)
+    folder, name = os.path.split(os.path.abspath(path))
+    ident = (name, st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns)
+    return _source(name, tree, {"format": "flax.msgpack", **facts}, folder, [ident])
+
+
+def read(path: str | os.PathLike[str], *, max_files: int = MAX_FILES,
+         max_bytes: int = MAX_BYTES) -> JaxSource:
+    """Open a Flax msgpack file or an Orbax checkpoint folder (restored on the CPU).
+
+    A training state (``{"step", "params", "opt_state"...}``) gives its ``params`` and
+    ``batch_stats``; the step goes into the metadata.
+
+    Raises:
+        NotFoundError: No such file or folder.
+        PathEscapeError: An Orbax folder with a symbolic link leaving it, or a tree key
+            that is a path.
+        UnsafeInputError: Other links, FIFOs, devices, hard links; object-dtype leaves.
+        ResourceLimitError: A folder over ``max_files`` files or ``max_bytes`` bytes.
+        FormatError: A malformed file, or a checkpoint Orbax cannot restore.
+
+    Example:
+        >>> import flax.serialization
+        >>> params = {"params": {"Conv_0": {"kernel": np.ones((3, 3, 1, 4), np.float32)}}}
+        >>> _ = (tmp / "cnn.msgpack").write_bytes(flax.serialization.to_bytes(params))
+        >>> [(r.name, r.kind, r.shape) for r in read(tmp / "cnn.msgpack").records()]
+        [('Conv_0.kernel', 'conv2d', (4, 1, 3, 3))]
+    """
+    p = os.fspath(path)
+    if not os.path.lexists(p):
+        raise NotFoundError(f"{p}: no such file or folder")
+    if os.path.isdir(p):
+        if not is_orbax(p):
+            raise UnsupportedError(f"{p}: not an Orbax checkpoint folder (no _METADATA, "
+                                   "_CHECKPOINT_METADATA or manifest.ocdbt)")
+        tree, files = restore(p, max_files=max_files, max_bytes=max_bytes)
+        tree, facts = _weights(tree)
+        return _source(Path(p).name, tree, {"format": "orbax", **facts},
+                       os.path.realpath(p), files)
+    return _read_msgpack(p)
+
+
+def to_pytree(snapshot: Snapshot) -> dict[str, Any]:
+    """A snapshot back as nested dicts in the source's names and layouts.
+
+    Source names are split on ``/`` (``params/Dense_0/kernel``), so a Linen snapshot
+    gives back ``{"params": {"Dense_0": {"kernel": ...}}}`` with ``[in, out]`` kernels.
+
+    Example:
+        >>> params = {"params": {"Dense_0": {"kernel": np.arange(6.0).reshape(3, 2)}}}
+        >>> snap = store.write(from_pytree(params), "mlp")
+        >>> back = to_pytree(snap)
+        >>> back["params"]["Dense_0"]["kernel"].shape
+        (3, 2)
+    """
+    out: dict[str, Any] = {}
+    for row in snapshot.tensors().select(["name", "source_name", "attrs"]).to_pylist():
+        path = row["source_name"].split("/")
+        attrs = json.loads(row["attrs"] or "{}")
+        if isinstance(attrs.get("path"), list):
+            path = [str(p) for p in attrs["path"]]
+        node = out
+        for key in path[:-1]:
+            nxt = node.setdefault(key, {})
+            if not isinstance(nxt, dict):
+                raise FormatError(f"{snapshot.path}: {row['source_name']!r} nests under a tensor")
+            node = nxt
+        node[path[-1]] = snapshot.read(row["name"], layout="source")
+    return out
