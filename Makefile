@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo_out
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install browser demo test lint typecheck unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,18 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
+# The HTML report is tested in a real headless browser: Debian's chromium. Installed
+# here when missing and this is a root shell with apt (as on CI); elsewhere the
+# browser tests say they skip because chromium is absent.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed: the browser tests will skip"; fi; }
+
 # Train a small network on scikit-learn's digits, save it as safetensors at three
-# training steps, ingest them into a store, and show what the store holds.
+# training steps, ingest them into a store, show what the store holds, compare two
+# steps, and write the offline HTML report.
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/python -m weightatlas._demo $(DEMO)
@@ -32,6 +42,10 @@ demo: $(STAMP)
 	$(BIN)/weightatlas --store $(DEMO)/store show digits-mlp
 	$(BIN)/weightatlas --store $(DEMO)/store show digits-mlp fc1.weight
 	$(BIN)/weightatlas --store $(DEMO)/store verify
+	$(BIN)/weightatlas --store $(DEMO)/store compare digits-mlp@1 digits-mlp@60
+	$(BIN)/weightatlas --store $(DEMO)/store plot heatmap digits-mlp fc1.weight -o $(DEMO)/fc1.svg
+	$(BIN)/weightatlas --store $(DEMO)/store report digits-mlp -o $(DEMO)/report.html
+	@echo "report: $(DEMO)/report.html (open it in a browser; it works offline)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check weightatlas tests bench
@@ -40,13 +54,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/compare.py
+	$(BIN)/python bench/charts.py
+	$(BIN)/python bench/analyses.py
+	$(BIN)/python bench/track.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache

@@ -19,8 +19,21 @@ Example:
 
 from __future__ import annotations
 
-from weightatlas._api import default_model_name, ingest, open_store
+# Analyses and charts as namespaces: ``wa.core.spectrum(...)``, ``wa.viz.heatmap(...)``
+# (frameworks and altair are imported only when a function needs them)
+from weightatlas import core as core
+from weightatlas import viz as viz
+from weightatlas._api import (
+    default_model_name,
+    ingest,
+    open_store,
+    plot,
+    read_alignment,
+    report,
+)
+from weightatlas._track import Tracker, track
 from weightatlas._version import __version__
+from weightatlas.core import compare
 from weightatlas.errors import (
     FormatError,
     IntegrityError,
@@ -42,6 +55,14 @@ __all__ = [
     "default_model_name",
     "ingest",
     "open_store",
+    # Comparing snapshots and capturing training runs
+    "Tracker",
+    "compare",
+    "track",
+    # Charts
+    "plot",
+    "read_alignment",
+    "report",
     # Store
     "Snapshot",
     "SnapshotInfo",

@@ -30,7 +30,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from weightatlas._api import default_model_name, ingest
+from weightatlas._api import default_model_name, ingest, plot, report
 from weightatlas.errors import StoreError, WeightAtlasError
 from weightatlas.storage import Snapshot, Store, parse_ref
 
@@ -349,6 +349,79 @@ def compare_cmd(
         _print_json(result.to_json())
     else:
         out.print(result.summary(max_rows=rows))
+
+
+OutputOpt = Annotated[str, typer.Option(
+    "--output", "-o", help="File to write; the format comes from its suffix: .vl.json, "
+    ".vg.json, .html, .svg, .png.", show_default=False)]
+
+
+@app.command("plot")
+def plot_cmd(
+    view: Annotated[str, typer.Argument(
+        help="heatmap, kernels, histogram, ridgeline, overview, agreement, diff or scatter.",
+        show_default=False)],
+    ref: Annotated[str, typer.Argument(help="MODEL[@STEP|@TAG] (latest when no step).",
+                                       show_default=False)],
+    tensor: Annotated[str | None, typer.Argument(
+        help="The tensor (heatmap, kernels, histogram, diff, scatter).",
+        show_default=False)] = None,
+    output: OutputOpt = "",
+    against: Annotated[str | None, typer.Option(
+        help="The second snapshot B (agreement, diff, scatter).", show_default=False)] = None,
+    alignment: Annotated[str | None, typer.Option(
+        help="Arrow or Parquet table pairing A's tensors with B's (columns a_name, b_name, "
+        "method, confidence) [default: equal names].", show_default=False)] = None,
+    neuron: Annotated[int | None, typer.Option(
+        help="heatmap: show this output neuron's kernels.", show_default=False)] = None,
+    neurons: Annotated[str | None, typer.Option(
+        help="kernels: output neurons, e.g. 0,1,5 [default: the first 8].",
+        show_default=False)] = None,
+    top: Annotated[int | None, typer.Option(
+        help="kernels: inputs per neuron [default: 8].", show_default=False)] = None,
+    agg: Annotated[str | None, typer.Option(
+        help="heatmap, diff: what a pooled cell shows, maxabs or mean [default: maxabs].",
+        show_default=False)] = None,
+    bins: Annotated[int | None, typer.Option(
+        help="histogram, ridgeline: bins [default: 60, 40].", show_default=False)] = None,
+    log: Annotated[bool, typer.Option("--log", help="histogram: counts on a log axis.")]
+    = False,
+    max_cells: Annotated[int | None, typer.Option(
+        help="heatmap, diff: cells before pooling [default: 4096].", show_default=False)] = None,
+    max_kb: Annotated[int | None, typer.Option(
+        help="Budget of the chart spec in kB [default: 1000].", show_default=False)] = None,
+) -> None:
+    """Draw one chart of a snapshot and write it as Vega-Lite, Vega, HTML, SVG or PNG."""
+    if not output:
+        raise StoreError("plot: give the file to write with -o FILE (.vl.json, .vg.json, "
+                         ".html, .svg, .png)")
+    options: dict[str, Any] = {
+        "neuron": neuron, "top": top, "agg": agg, "bins": bins, "max_cells": max_cells,
+        "log": True if log else None,
+        "max_bytes": max_kb * 1000 if max_kb is not None else None,
+        "neurons": [int(n) for n in neurons.split(",") if n.strip()] if neurons else None,
+    }
+    started = time.perf_counter()
+    plot(view, ref, tensor, store=_store(), against=against, alignment=alignment, out=output,
+         **{k: v for k, v in options.items() if v is not None})
+    what = f"{view} of {tensor}" if tensor else view
+    out.print(f"wrote {output}: {what} in {ref}, {_human(os.path.getsize(output))} in "
+              f"{time.perf_counter() - started:.2f} s")
+
+
+@app.command("report")
+def report_cmd(
+    ref: Annotated[str, typer.Argument(help="MODEL[@STEP|@TAG] (latest when no step).",
+                                       show_default=False)],
+    output: OutputOpt = "report.html",
+    max_mb: Annotated[int, typer.Option(help="Budget of all the chart specs, in MB.")] = 24,
+) -> None:
+    """Write one self-contained, offline HTML page about a snapshot: overview,
+    distributions and a section per tensor."""
+    started = time.perf_counter()
+    path = report(ref, output, store=_store(), max_bytes=max_mb * 1_000_000)
+    out.print(f"wrote {path}: report of {ref}, {_human(path.stat().st_size)} in "
+              f"{time.perf_counter() - started:.2f} s")
 
 
 def _fail(message: str) -> NoReturn:
