@@ -140,3 +140,26 @@ def test_show_unknown_names(ingested: str, capsys):
     assert code == 1 and "no snapshot digits@7" in err and "digits@1" in err
     code, _, err = run(capsys, "--store", ingested, "show", "digits", "fc9.weight")
     assert code == 1 and "no tensor 'fc9.weight'" in err
+
+
+def test_ingest_shows_a_progress_bar_with_bytes_per_second(tmp_path: Path, monkeypatch,
+                                                           capsys):
+    import io
+    import re
+
+    from rich.console import Console
+
+    from weightatlas import cli
+    from weightatlas.adapters import safetensors
+
+    path = tmp_path / "big.safetensors"
+    rng = np.random.default_rng(0)
+    safetensors.write({f"l{i}.weight": rng.standard_normal((256, 256)).astype(np.float32)
+                       for i in range(16)}, path)
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=120))
+    code, out, _ = run(capsys, "--store", str(tmp_path / "s"), "ingest", str(path))
+    assert code == 0 and "ingested" in out
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "checking big.safetensors" in shown and "writing  big.safetensors" in shown
+    assert re.search(r"\d+(\.\d+)? [kMG]?B/s", shown), shown[-500:]
