@@ -26,21 +26,19 @@ ignored.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mmap
 import os
-import stat
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from weightatlas.adapters._files import ident, open_regular, sha256_file
 from weightatlas.errors import (
     FormatError,
     NotFoundError,
     PathEscapeError,
     ShapeError,
-    UnsafeInputError,
     WeightAtlasError,
 )
 
@@ -65,66 +63,6 @@ class _File:
     real: str
     ident: tuple[int, int, int, int]
     mm: mmap.mmap | None
-
-
-def _os_error(label: str, e: OSError) -> WeightAtlasError:
-    if isinstance(e, FileNotFoundError | NotADirectoryError):
-        return NotFoundError(f"{label}: no such file")
-    return WeightAtlasError(f"{label}: cannot read: {e.strerror or e}")
-
-
-def open_regular(path: str, label: str, *, nofollow: bool) -> tuple[int, os.stat_result]:
-    """Open a regular file read-only (FIFOs never block); return ``(fd, fstat)``."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    if nofollow:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        if nofollow and os.path.islink(path):
-            raise PathEscapeError(f"{label}: is a symbolic link (changed while reading)") from e
-        raise _os_error(label, e) from e
-    try:
-        st = os.fstat(fd)
-    except OSError as e:
-        os.close(fd)
-        raise _os_error(label, e) from e
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise FormatError(f"{label}: expected a regular file, found a folder")
-        raise UnsafeInputError(f"{label}: expected a regular file, found a FIFO, device or "
-                               "socket")
-    return fd, st
-
-
-def ident(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What identifies a file's version: device, inode, size, modification time."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def sha256_file(path: str, label: str, expected: tuple[int, int, int, int],
-                buf: bytearray) -> str:
-    """Stream a file through sha256, refusing it if it changed since it was read."""
-    fd, st = open_regular(path, label, nofollow=True)
-    digest = hashlib.sha256()
-    view = memoryview(buf)
-    try:
-        if ident(st) != expected:
-            raise FormatError(f"{label}: file changed since it was read; read it again")
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            total = 0
-            while got := f.readinto(view):
-                digest.update(view[:got])
-                total += got
-        if total != st.st_size:
-            raise FormatError(f"{label}: file changed while being hashed")
-    except OSError as e:
-        raise _os_error(label, e) from e
-    finally:
-        view.release()
-        os.close(fd)
-    return digest.hexdigest()
 
 
 def _integer(text: str, key: str, where: str) -> int:

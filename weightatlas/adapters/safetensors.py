@@ -20,7 +20,6 @@ import hashlib
 import json
 import mmap
 import os
-import stat
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from weightatlas.adapters import _naming
+from weightatlas.adapters._files import ident, open_regular, os_error, read_at, sha256_file
 from weightatlas.adapters._safetensors_header import (
     DEFAULT_MAX_TENSORS,
     DTYPE_CODES,
@@ -44,7 +44,6 @@ from weightatlas.errors import (
     NotFoundError,
     PathEscapeError,
     ResourceLimitError,
-    UnsafeInputError,
     UnsupportedError,
     WeightAtlasError,
 )
@@ -70,62 +69,11 @@ class _Shard:
     mm: mmap.mmap | None
 
 
-def _os_error(label: str, e: OSError) -> WeightAtlasError:
-    if isinstance(e, FileNotFoundError | NotADirectoryError):
-        return NotFoundError(f"{label}: no such file")
-    return WeightAtlasError(f"{label}: cannot read: {e.strerror or e}")
-
-
-def _open_regular(path: str, label: str, *, nofollow: bool) -> tuple[int, os.stat_result]:
-    """Open a regular file read-only without blocking on FIFOs; return (fd, fstat)."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    flags |= getattr(os, "O_BINARY", 0)
-    if nofollow:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        if nofollow and os.path.islink(path):
-            raise PathEscapeError(f"{label}: is a symbolic link (changed while reading)") from e
-        raise _os_error(label, e) from e
-    try:
-        st = os.fstat(fd)
-    except OSError as e:
-        os.close(fd)
-        raise _os_error(label, e) from e
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise FormatError(f"{label}: expected a regular file, found a folder")
-        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device, socket or other special file"
-        raise UnsafeInputError(f"{label}: expected a regular file, found {kind}")
-    return fd, st
-
-
-def _read_at(fd: int, offset: int, n: int, label: str) -> bytes:
-    chunks: list[bytes] = []
-    try:
-        os.lseek(fd, offset, os.SEEK_SET)
-        while n > 0:
-            chunk = os.read(fd, min(n, 1 << 26))
-            if not chunk:
-                raise FormatError(f"{label}: file ended early (changed while reading?)")
-            chunks.append(chunk)
-            n -= len(chunk)
-    except OSError as e:
-        raise _os_error(label, e) from e
-    return b"".join(chunks)
-
-
-def _ident(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _load_shard(
     path: str, label: str, name: str, *, nofollow: bool, max_header_bytes: int, max_tensors: int
 ) -> _Shard:
     """Open, validate and memory-map one safetensors file."""
-    fd, st = _open_regular(path, label, nofollow=nofollow)
+    fd, st = open_regular(path, label, nofollow=nofollow)
     try:
         size = st.st_size
         if size < 8:
@@ -133,7 +81,7 @@ def _load_shard(
                 f"{label}: file has {size} bytes, a safetensors file needs at least 8 "
                 "(the header length)"
             )
-        n = int.from_bytes(_read_at(fd, 0, 8, label), "little")
+        n = int.from_bytes(read_at(fd, 0, 8, label), "little")
         if n > max_header_bytes:
             raise ResourceLimitError(
                 f"{label}: header length {n} bytes exceeds the limit of {max_header_bytes} "
@@ -144,7 +92,7 @@ def _load_shard(
                 f"{label}: header length {n} bytes runs past the end of the file: expected "
                 f"at most {size - 8}, found {n} (file truncated?)"
             )
-        metadata, entries = parse_header(_read_at(fd, 8, n, label), label, max_tensors)
+        metadata, entries = parse_header(read_at(fd, 8, n, label), label, max_tensors)
         data_len = size - 8 - n
         end = entries[-1].end if entries else 0
         if end != data_len:
@@ -163,30 +111,12 @@ def _load_shard(
     finally:
         os.close(fd)
     real = os.path.realpath(path)
-    return _Shard(label, name, real, _ident(st), 8 + n, entries, metadata, mm)
+    return _Shard(label, name, real, ident(st), 8 + n, entries, metadata, mm)
 
 
 def _sha256(shard: _Shard, buf: bytearray) -> str:
-    """Stream a file through sha256 in chunks of ``buf`` (hashlib releases the GIL)."""
-    fd, st = _open_regular(shard.real, shard.label, nofollow=True)
-    digest = hashlib.sha256()
-    view = memoryview(buf)
-    try:
-        if _ident(st) != shard.ident:
-            raise FormatError(f"{shard.label}: file changed since it was read; read it again")
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            total = 0
-            while got := f.readinto(view):
-                digest.update(view[:got])
-                total += got
-        if total != st.st_size:
-            raise FormatError(f"{shard.label}: file changed while being hashed")
-    except OSError as e:
-        raise _os_error(shard.label, e) from e
-    finally:
-        view.release()
-        os.close(fd)
-    return digest.hexdigest()
+    """Stream a shard through sha256 in chunks of ``buf``, checking it did not change."""
+    return sha256_file(shard.real, shard.label, shard.ident, buf)
 
 
 def _drop(mm: mmap.mmap, start: int, stop: int) -> None:
@@ -342,7 +272,7 @@ def _resolve(path: Path) -> Path:
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
-        raise _os_error(str(path), e) from e
+        raise os_error(str(path), e) from e
     for suffix in (".safetensors.index.json", ".safetensors"):
         found = [n for n in names if n.endswith(suffix)]
         if len(found) == 1:
@@ -381,13 +311,13 @@ def _shard_path(folder: str, name: object, index_label: str, tensor: str) -> tup
 
 def _read_sharded(index: Path, max_header_bytes: int, max_tensors: int) -> SafetensorsSource:
     label = str(index)
-    fd, st = _open_regular(label, label, nofollow=False)
+    fd, st = open_regular(label, label, nofollow=False)
     try:
         if st.st_size > max_header_bytes:
             raise ResourceLimitError(
                 f"{label}: index has {st.st_size} bytes, the limit is {max_header_bytes}"
             )
-        raw = _read_at(fd, 0, st.st_size, label)
+        raw = read_at(fd, 0, st.st_size, label)
     finally:
         os.close(fd)
     weight_map, index_meta = parse_index(raw, label, max_tensors)
@@ -492,7 +422,7 @@ def read(
     try:
         target = _resolve(target)
     except OSError as e:
-        raise _os_error(str(target), e) from e
+        raise os_error(str(target), e) from e
     if target.name.endswith(".json"):
         return _read_sharded(target, max_header_bytes, max_tensors)
     label = str(target)
@@ -567,4 +497,4 @@ def write(
         if tmp:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise _os_error(str(target), e) from e
+        raise os_error(str(target), e) from e
