@@ -64,6 +64,7 @@ def ingest(
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[str, int, int], None] | None = None,
+    **options: Any,
 ) -> Snapshot:
     """Read a weights file and write it into the store as one snapshot.
 
@@ -76,6 +77,8 @@ def ingest(
         overwrite: Replace an existing snapshot with different content.
         chunk_bytes: Tensors larger than this are stored in chunks.
         progress: Called as ``progress(phase, nbytes, total)`` as bytes are read and written.
+        **options: Passed to the format's reader (``keep_constants=True`` keeps an ONNX
+            model's shape and index constants, marked as constants).
 
     Returns:
         The snapshot, opened.
@@ -92,7 +95,7 @@ def ingest(
     from weightatlas.adapters import open_source
 
     st = store if isinstance(store, Store) else Store(store, create=True)
-    source = open_source(path)
+    source = open_source(path, **options)
     return st.write(
         source,
         model or default_model_name(path),

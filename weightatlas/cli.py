@@ -126,6 +126,9 @@ def ingest_cmd(
                                             show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing snapshot.")] = False,
     chunk_mb: Annotated[int, typer.Option(help="Split tensors larger than this (MiB).")] = 512,
+    keep_constants: Annotated[bool, typer.Option(
+        "--keep-constants", help="ONNX: also keep shape and index constants (marked as "
+        "constants).")] = False,
 ) -> None:
     """Ingest weight files into the store, one snapshot per path.
 
@@ -154,12 +157,13 @@ def ingest_cmd(
                              f"{seen[(name, st, tg)]}); ingest them one at a time with --step")
         seen[(name, st, tg)] = path
     store = _store(create=True)
+    options = {"keep_constants": True} if keep_constants else {}
     for path, name, st, tg in jobs:
-        _ingest_one(store, path, name, st, tg, overwrite, chunk_mb * 1024 * 1024)
+        _ingest_one(store, path, name, st, tg, overwrite, chunk_mb * 1024 * 1024, options)
 
 
 def _ingest_one(store: Store, path: str, model: str, step: int | None, tag: str | None,
-                overwrite: bool, chunk_bytes: int) -> None:
+                overwrite: bool, chunk_bytes: int, options: dict[str, Any]) -> None:
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
@@ -174,7 +178,7 @@ def _ingest_one(store: Store, path: str, model: str, step: int | None, tag: str 
             bar.advance(tasks[phase], nbytes)
 
         snap = ingest(path, store=store, model=model, step=step, tag=tag, overwrite=overwrite,
-                      chunk_bytes=chunk_bytes, progress=progress)
+                      chunk_bytes=chunk_bytes, progress=progress, **options)
     seconds = time.perf_counter() - started
     meta = snap.metadata
     out.print(f"ingested {path} -> {snap.ref}: {meta['n_tensors']} tensors, "

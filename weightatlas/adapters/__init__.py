@@ -22,6 +22,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from weightatlas.errors import NotFoundError, UnsupportedError, WeightAtlasError
 from weightatlas.storage import TensorSource
@@ -146,38 +147,41 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     raise UnsupportedError(f"{p}: unknown format; supported: {_supported()}")
 
 
-def _read_safetensors(path: Path) -> TensorSource:
+def _read_safetensors(path: Path, **options: Any) -> TensorSource:
     from weightatlas.adapters import safetensors
 
-    return safetensors.read(path)
+    return safetensors.read(path, **options)
 
 
-def _read_onnx(path: Path) -> TensorSource:
+def _read_onnx(path: Path, **options: Any) -> TensorSource:
     from weightatlas.adapters import onnx
 
-    return onnx.read(path)
+    return onnx.read(path, **options)
 
 
-def _read_torch(path: Path) -> TensorSource:
+def _read_torch(path: Path, **options: Any) -> TensorSource:
     from weightatlas.adapters import torch
 
-    return torch.read(path)
+    return torch.read(path, **options)
 
 
-def _read_jax(path: Path) -> TensorSource:
+def _read_jax(path: Path, **options: Any) -> TensorSource:
     from weightatlas.adapters import jax
 
-    return jax.read(path)
+    return jax.read(path, **options)
 
 
 #: Format name (as :func:`detect_format` returns it) -> reader.
-_READERS: dict[str, Callable[[Path], TensorSource]] = {
+_READERS: dict[str, Callable[..., TensorSource]] = {
     "safetensors": _read_safetensors, "torch": _read_torch, "flax_msgpack": _read_jax,
     "orbax": _read_jax, "onnx": _read_onnx}
 
 
-def open_source(path: str | os.PathLike[str]) -> TensorSource:
+def open_source(path: str | os.PathLike[str], **options: Any) -> TensorSource:
     """Open any supported checkpoint as a :class:`~weightatlas.storage.TensorSource`.
+
+    ``options`` go to the format's reader (``keep_constants=True`` for ONNX, say); a
+    reader that does not take one raises ``UnsupportedError`` naming it.
 
     Example:
         >>> import tempfile
@@ -190,4 +194,11 @@ def open_source(path: str | os.PathLike[str]) -> TensorSource:
         ('safetensors', 'm.safetensors')
     """
     p = Path(os.fspath(path))
-    return _READERS[detect_format(p)](p)
+    fmt = detect_format(p)
+    try:
+        return _READERS[fmt](p, **options)
+    except TypeError as e:
+        if options and "unexpected keyword argument" in str(e):
+            raise UnsupportedError(f"{p}: the {fmt} reader takes no option "
+                                   f"{', '.join(map(repr, options))}") from None
+        raise
