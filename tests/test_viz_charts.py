@@ -530,7 +530,8 @@ def test_theme_is_registered_and_carries_the_conventions():
 def test_views_by_name(snaps):
     a, b = snaps
     assert list(viz.VIEWS) == ["heatmap", "kernels", "histogram", "ridgeline", "overview",
-                               "agreement", "diff", "scatter"]
+                               "agreement", "diff", "scatter", "esd", "alphas", "projection",
+                               "trajectory", "trajectory_path", "nmf_rgb", "factors"]
     assert meta(viz.chart("diff", a, "fc1.weight", against=b).to_dict())["view"] == "diff"
     with pytest.raises(UnsupportedError, match="unknown view 'pie'; views: heatmap"):
         viz.chart("pie", a)

@@ -274,4 +274,5 @@ def test_report_command_writes_an_offline_page(capsys, digits_store: Path, tmp_p
     assert code == 0, err
     assert stdout.startswith(f"wrote {out}: report of digits@10")
     specs = check_page(out.read_text())
-    assert len(specs) == 2 + 6 + 3  # overview, ridgeline, 6 histograms, 3 heatmaps
+    # overview, ridgeline, 6 histograms, 3 heatmaps, the alphas and the 3 matrices' spectra
+    assert len(specs) == 2 + 6 + 3 + 1 + 3

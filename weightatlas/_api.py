@@ -164,7 +164,9 @@ def plot(
 
     Args:
         view: ``heatmap``, ``kernels``, ``histogram``, ``ridgeline``, ``overview``,
-            ``agreement``, ``diff`` or ``scatter`` (:data:`weightatlas.viz.VIEWS`).
+            ``agreement``, ``diff``, ``scatter``, ``esd``, ``alphas``, ``projection``,
+            ``trajectory``, ``trajectory_path``, ``nmf_rgb`` or ``factors``
+            (:data:`weightatlas.viz.VIEWS`).
         snapshot: A snapshot, or its reference ``MODEL[@STEP]`` in ``store``.
         tensor: The tensor, for views of one tensor.
         store: The store (default: ``$WEIGHTATLAS_STORE`` or ``./weightatlas_store``).

@@ -363,12 +363,14 @@ OutputOpt = Annotated[str, typer.Option(
 @app.command("plot")
 def plot_cmd(
     view: Annotated[str, typer.Argument(
-        help="heatmap, kernels, histogram, ridgeline, overview, agreement, diff or scatter.",
+        help="heatmap, kernels, histogram, ridgeline, overview, agreement, diff, scatter, esd, "
+        "alphas, projection, trajectory, trajectory_path, nmf_rgb or factors.",
         show_default=False)],
     ref: Annotated[str, typer.Argument(help="MODEL[@STEP|@TAG] (latest when no step).",
                                        show_default=False)],
     tensor: Annotated[str | None, typer.Argument(
-        help="The tensor (heatmap, kernels, histogram, diff, scatter).",
+        help="The tensor (heatmap, kernels, histogram, diff, scatter, esd, projection, "
+        "nmf_rgb, factors).",
         show_default=False)] = None,
     output: OutputOpt = "",
     against: Annotated[str | None, typer.Option(
@@ -379,7 +381,7 @@ def plot_cmd(
     neuron: Annotated[int | None, typer.Option(
         help="heatmap: show this output neuron's kernels.", show_default=False)] = None,
     neurons: Annotated[str | None, typer.Option(
-        help="kernels: output neurons, e.g. 0,1,5 [default: the first 8].",
+        help="kernels, nmf_rgb: output neurons, e.g. 0,1,5 [default: the first 8, 16].",
         show_default=False)] = None,
     top: Annotated[int | None, typer.Option(
         help="kernels: inputs per neuron [default: 8].", show_default=False)] = None,
@@ -387,7 +389,8 @@ def plot_cmd(
         help="heatmap, diff: what a pooled cell shows, maxabs or mean [default: maxabs].",
         show_default=False)] = None,
     bins: Annotated[int | None, typer.Option(
-        help="histogram, ridgeline: bins [default: 60, 40].", show_default=False)] = None,
+        help="histogram, ridgeline, esd: bins [default: 60, 40, 60].",
+        show_default=False)] = None,
     log: Annotated[bool, typer.Option("--log", help="histogram: counts on a log axis.")]
     = False,
     max_cells: Annotated[int | None, typer.Option(
@@ -426,6 +429,280 @@ def report_cmd(
     path = report(ref, output, store=_store(), max_bytes=max_mb * 1_000_000)
     out.print(f"wrote {path}: report of {ref}, {_human(path.stat().st_size)} in "
               f"{time.perf_counter() - started:.2f} s")
+
+
+# ---- analyses (weightatlas.core) -----------------------------------------------------------
+
+
+def _finite(v: Any) -> Any:
+    """JSON-safe: NaN and ±Inf become null (JSON has no NaN), lists and dicts recursively."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _table_meta(table: Any) -> dict[str, Any]:
+    raw = (table.schema.metadata or {}).get(b"weightatlas")
+    return json.loads(raw) if raw else {}
+
+
+def _chart_to(output: str, chart: Any, what: str, started: float) -> None:
+    from weightatlas import viz
+
+    viz.save(chart, output)
+    err.print(f"wrote {output}: {what}, {_human(os.path.getsize(output))} in "
+              f"{time.perf_counter() - started:.2f} s")
+
+
+def _check_output(output: str) -> None:
+    if output:
+        from weightatlas import viz
+
+        viz.format_of(output)  # an unknown suffix fails before any work
+
+
+ChartOpt = Annotated[str, typer.Option(
+    "--output", "-o", help="Also write the chart to this file (.vl.json, .vg.json, .html, "
+    ".svg, .png).", show_default=False)]
+
+
+@app.command("spectrum")
+def spectrum_cmd(
+    ref: Annotated[str, typer.Argument(help="MODEL[@STEP|@TAG] (latest when no step).",
+                                       show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record per matrix."
+                                          )] = False,
+    conv: Annotated[str, typer.Option(help="Convolutions as one [out, in*h*w] matrix "
+                                           "(flatten) or one [out, in] matrix per kernel "
+                                           "position, pooled (per_position).")] = "flatten",
+    output: ChartOpt = "",
+) -> None:
+    """Spectral analysis of every weight matrix: power-law alpha of the eigenvalue spectrum,
+    spectral norm, stable and effective rank, Marchenko-Pastur edge (docs/analyses.md)."""
+    from weightatlas.core import spectrum
+
+    if conv not in ("flatten", "per_position"):
+        raise StoreError(f"spectrum: --conv {conv!r}; expected flatten or per_position")
+    _check_output(output)
+    started = time.perf_counter()
+    with _store().snapshot(ref) as snap:
+        table = spectrum(snap, conv=conv)
+        snap_ref = snap.ref
+    rows = table.to_pylist()
+    if as_json:
+        _print_json(_finite({"snapshot": snap_ref, "conv": conv, "matrices": rows}))
+    else:
+        grid = Table("tensor", "kind", "matrix", "evals", "alpha", "± sigma", "xmin", "KS",
+                     "tail", "spectral norm", "stable rank", "eff. rank", "MP λ+", "spikes",
+                     "status", box=None)
+        for r in rows:
+            shape = f"{r['rows']}×{r['cols']}" + (" per position" if r["matrix"] ==
+                                                  "per_position" else "")
+            grid.add_row(r["name"], r["kind"], shape, _fmt(r["n_evals"]), _fmt(r["alpha"]),
+                         _fmt(r["sigma"]), _fmt(r["xmin"]), _fmt(r["ks_distance"]),
+                         _fmt(r["n_tail"]), _fmt(r["spectral_norm"]), _fmt(r["stable_rank"]),
+                         _fmt(r["effective_rank"]), _fmt(r["mp_lambda_plus"]),
+                         _fmt(r["n_spikes"]), r["status"])
+        out.print(f"{snap_ref}: {len(rows)} weight matrices (conv={conv})")
+        out.print(grid)
+    if output and rows:
+        from weightatlas import viz
+
+        _chart_to(output, viz.alphas(table), "alpha of every weight matrix", started)
+
+
+@app.command("project")
+def project_cmd(
+    ref: Annotated[str, typer.Argument(help="MODEL[@STEP|@TAG] (latest when no step).",
+                                       show_default=False)],
+    tensors: Annotated[list[str], typer.Argument(
+        help="Tensors whose rows (neurons) to project; several must have rows of one length.",
+        show_default=False)],
+    method: Annotated[str, typer.Option(help="pca, tsne or umap.")] = "pca",
+    clusters: Annotated[int | None, typer.Option(
+        help="Also label the neurons with K k-means clusters (the chart colours by them).",
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of t-SNE, UMAP and k-means.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record per neuron "
+                                                         "and the method's facts.")] = False,
+    output: ChartOpt = "",
+) -> None:
+    """Project the neurons (rows) of weight tensors with PCA, t-SNE or UMAP."""
+    from weightatlas.core import projection
+
+    if clusters is not None and clusters < 1:
+        raise StoreError(f"project: --clusters {clusters}; give at least 1")
+    _check_output(output)
+    started = time.perf_counter()
+    with _store().snapshot(ref) as snap:
+        table = projection(snap, tensors, method, clusters=clusters, seed=seed)
+        snap_ref = snap.ref
+    meta = _table_meta(table)
+    if as_json:
+        _print_json(_finite({"snapshot": snap_ref, "tensors": tensors, "method": method,
+                             "meta": meta, "points": table.to_pylist()}))
+    else:
+        facts = " · ".join(f"{k} {_fmt(v)}" for k, v in meta.items() if k != "method")
+        out.print(f"{snap_ref}: {method} of {table.num_rows} neurons of {', '.join(tensors)}"
+                  f" ({facts})")
+        grid = Table("tensor", "neurons", "mean norm", *(["clusters"] if clusters else []),
+                     box=None)
+        cols = table.to_pydict()
+        for name in dict.fromkeys(cols["tensor"]):
+            pick = [i for i, t in enumerate(cols["tensor"]) if t == name]
+            norms = [cols["norm"][i] for i in pick]
+            extra = []
+            if clusters:
+                sizes = {c: sum(cols["cluster"][i] == c for i in pick) for c in range(clusters)}
+                extra = [" ".join(f"{c}:{n}" for c, n in sizes.items() if n)]
+            grid.add_row(name, str(len(pick)), _fmt(sum(norms) / len(norms)), *extra)
+        out.print(grid)
+    if output:
+        from weightatlas import viz
+
+        chart = viz.projection_chart(table, color="cluster" if clusters else "tensor")
+        _chart_to(output, chart, f"{method} of {table.num_rows} neurons", started)
+
+
+@app.command("nmf")
+def nmf_cmd(
+    ref: Annotated[str, typer.Argument(help="MODEL[@STEP|@TAG] (latest when no step).",
+                                       show_default=False)],
+    tensor: Annotated[str, typer.Argument(help="The weight tensor.", show_default=False)],
+    factors: Annotated[int | None, typer.Option(
+        help="One-sided NMF of the tensor's units with K factors [default: 3].",
+        show_default=False)] = None,
+    neuron: Annotated[list[int] | None, typer.Option(
+        help="Per-neuron 3-factor NMF as RGB (a conv [out, in, h, w]); repeat for several.",
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="NMF's random seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the factors as JSON.")] = False,
+    output: ChartOpt = "",
+) -> None:
+    """NMF of weights, as in Distill's "Visualizing Weights": a one-sided factorisation of a
+    family (--factors K) or each neuron's kernel as an RGB image (--neuron N ...)."""
+    if factors is not None and neuron:
+        raise StoreError("nmf: give --factors K or --neuron N, not both")
+    _check_output(output)
+    with _store().snapshot(ref) as snap:
+        _nmf(snap, tensor, factors, neuron, seed, as_json, output)
+
+
+def _nmf(snap: Snapshot, tensor: str, factors: int | None, neuron: list[int] | None,
+         seed: int, as_json: bool, output: str) -> None:
+    from weightatlas.core import neuron_rgb, one_sided_nmf
+
+    started = time.perf_counter()
+    weight = snap.read(tensor)
+    snap_ref = snap.ref
+    if neuron:
+        images = {n: neuron_rgb(weight, n, seed=seed, name=tensor) for n in neuron}
+        if as_json:
+            _print_json({"snapshot": snap_ref, "tensor": tensor, "seed": seed, "neurons": [
+                {"neuron": n, "rgb": rgb.tolist()} for n, rgb in images.items()]})
+        else:
+            out.print(f"{tensor} in {snap_ref}: 3-factor NMF of {len(images)} neuron(s)' "
+                      "kernels (rows of RGB in [0, 1])")
+            for n, rgb in images.items():
+                out.print(f"neuron {n}: kernel {rgb.shape[0]}×{rgb.shape[1]}, mean RGB "
+                          + " ".join(f"{v:.3f}" for v in rgb.reshape(-1, 3).mean(axis=0)))
+        if output:
+            from weightatlas import viz
+
+            chart = viz.nmf_rgb(snap, tensor, neurons=neuron, seed=seed)
+            _chart_to(output, chart, f"NMF colours of {len(images)} neuron(s)", started)
+        return
+    k = factors if factors is not None else 3
+    result = one_sided_nmf(weight, k, seed=seed, name=tensor)
+    if as_json:
+        _print_json(_finite({"snapshot": snap_ref, "tensor": tensor, "n_factors": k,
+                             "seed": seed, "relative_error": result.relative_error,
+                             "channel": result.channel.tolist(),
+                             "spatial": result.spatial.tolist()}))
+    else:
+        units, _, kh, kw = result.spatial.shape
+        out.print(f"{tensor} in {snap_ref}: one-sided NMF, {k} factors: channel factors "
+                  f"{k}×{result.channel.shape[1]}, spatial factors {units}×{k}×{kh}×{kw}; "
+                  f"relative reconstruction error {result.relative_error:.4g}")
+        grid = Table("factor", "largest channel loadings", box=None)
+        for f, row in enumerate(result.channel):
+            top = np.argsort(-row, kind="stable")[:5]
+            grid.add_row(str(f), ", ".join(f"{c}: {row[c]:.3g}" for c in top.tolist()))
+        out.print(grid)
+    if output:
+        from weightatlas import viz
+
+        chart = viz.factors_chart(result, tensor)
+        _chart_to(output, chart, f"one-sided NMF with {k} factors", started)
+
+
+@app.command("trajectory")
+def trajectory_cmd(
+    model: Annotated[str, typer.Argument(help="MODEL: all its step-numbered snapshots.",
+                                         show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record per tensor "
+                                                         "and step.")] = False,
+    metric: Annotated[str, typer.Option(
+        help="The chart's figure: relative_update, update_norm, update_cosine, norm, "
+        "distance_from_init or relative_distance.")] = "relative_update",
+    pca: Annotated[bool, typer.Option("--pca", help="The PCA of every snapshot's flattened "
+                                                    "weights (the path) instead.")] = False,
+    output: ChartOpt = "",
+) -> None:
+    """How each tensor moves over training: update norms, relative updates, cosine between
+    successive updates, distance from initialisation; or the model's path (--pca)."""
+    from weightatlas import viz
+    from weightatlas.core import trajectory, trajectory_pca
+
+    name, step, tag = parse_ref(model)
+    if step is not None or tag is not None:
+        raise StoreError(f"trajectory: give the model name alone ({name!r}), not "
+                         f"{model!r}: the trajectory covers all its snapshots")
+    if metric not in viz.TRAJECTORY_METRICS:
+        raise StoreError(f"trajectory: --metric {metric!r}; expected one of "
+                         f"{', '.join(viz.TRAJECTORY_METRICS)}")
+    _check_output(output)
+    started = time.perf_counter()
+    store = _store()
+    store.resolve(model=name)  # a NotFoundError that lists the models
+    if pca:
+        table = trajectory_pca(store, name)
+        meta = _table_meta(table)
+        if as_json:
+            _print_json(_finite({"model": name, "meta": meta, "points": table.to_pylist()}))
+        else:
+            ratio = meta.get("explained_variance_ratio", [])
+            out.print(f"{name}: PCA of {table.num_rows} snapshots' weights "
+                      f"({len(meta.get('tensors', []))} tensors; explained variance "
+                      + ", ".join(f"{r:.1%}" for r in ratio) + ")")
+            for t, why in meta.get("excluded", {}).items():
+                err.print(f"left out: {t}: {why}")
+            grid = Table("snapshot", "pc1", "pc2", box=None)
+            for r in table.to_pylist():
+                grid.add_row(r["ref"], _fmt(r["pc1"]), _fmt(r.get("pc2")))
+            out.print(grid)
+        if output:
+            _chart_to(output, viz.trajectory_path(table), "path through weight space", started)
+        return
+    table = trajectory(store, name)
+    if as_json:
+        _print_json(_finite({"model": name, "rows": table.to_pylist()}))
+    else:
+        grid = Table("tensor", "step", "norm", "update norm", "relative update", "cosine",
+                     "from init", "relative from init", "status", box=None)
+        for r in table.to_pylist():
+            grid.add_row(r["tensor"], str(r["step"]), _fmt(r["norm"]), _fmt(r["update_norm"]),
+                         _fmt(r["relative_update"]), _fmt(r["update_cosine"]),
+                         _fmt(r["distance_from_init"]), _fmt(r["relative_distance"]),
+                         r["status"])
+        out.print(grid)
+    if output:
+        _chart_to(output, viz.trajectory_chart(table, metric=metric), f"{metric} over steps",
+                  started)
 
 
 def _fail(message: str) -> NoReturn:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from weightatlas.core._onnx_model import graph_table, load_graph, load_model
 
 # Spectra of weight matrices
-from weightatlas.core._powerlaw import PowerLawFit, fit_power_law
+from weightatlas.core._powerlaw import EVALS_THRESHOLD, PowerLawFit, fit_power_law
 
 # Comparing snapshots, across frameworks
 from weightatlas.core.compare import PAIR_SCHEMA, Comparison, PairStats, align, compare, diff
@@ -21,6 +21,7 @@ from weightatlas.core.factors import FamilyFactors, neuron_rgb, one_sided_nmf, r
 # Projections
 from weightatlas.core.projection import neuron_rows, pca, project, projection, trajectory_pca
 from weightatlas.core.spectrum import (
+    MATRIX_KINDS,
     SPECTRUM_SCHEMA,
     MatrixSpectrum,
     eigenvalues,
@@ -46,6 +47,8 @@ __all__ = [
     "compare",
     "diff",
     # Spectra of weight matrices
+    "EVALS_THRESHOLD",
+    "MATRIX_KINDS",
     "SPECTRUM_SCHEMA",
     "MatrixSpectrum",
     "PowerLawFit",

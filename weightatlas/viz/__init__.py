@@ -16,6 +16,9 @@ Example:
 
 from __future__ import annotations
 
+# Analyses: spectra, projections, trajectories, factors
+from weightatlas.viz._analyses import ALPHA_BAND, alphas, esd
+
 # Comparing two snapshots
 from weightatlas.viz._compare import agreement, diff, scatter
 
@@ -35,10 +38,21 @@ from weightatlas.viz._export import (
     to_vega,
     to_vega_lite,
 )
+
+# Analyses: NMF factors
+from weightatlas.viz._factors import factors_chart, nmf_rgb
+
+# Views of weights, comparisons and analyses (continued)
 from weightatlas.viz._heatmap import AGGREGATIONS, heatmap
 from weightatlas.viz._kernels import kernels, rank_inputs
 from weightatlas.viz._overview import OVERVIEW_COLUMNS, overview, overview_table
 from weightatlas.viz._pairs import ALIGNMENT_COLUMNS, align_by_name, compare
+from weightatlas.viz._projections import (
+    TRAJECTORY_METRICS,
+    projection_chart,
+    trajectory_chart,
+    trajectory_path,
+)
 
 # Reductions behind the charts
 from weightatlas.viz._reduce import (
@@ -83,6 +97,16 @@ __all__ = [
     "overview_table",
     "rank_inputs",
     "ridgeline",
+    # Analyses: spectra, projections, trajectories, factors
+    "ALPHA_BAND",
+    "TRAJECTORY_METRICS",
+    "alphas",
+    "esd",
+    "factors_chart",
+    "nmf_rgb",
+    "projection_chart",
+    "trajectory_chart",
+    "trajectory_path",
     # Comparing two snapshots
     "ALIGNMENT_COLUMNS",
     "agreement",

@@ -20,7 +20,7 @@ import numpy as np
 
 from weightatlas.storage import RecordsSource, Snapshot, Store, TensorRecord
 
-__all__ = ["EXAMPLES", "build_gallery", "gallery_store"]
+__all__ = ["EXAMPLES", "build_gallery", "gallery_run", "gallery_store"]
 
 _HEAD = """# Charts and the model report
 
@@ -70,6 +70,24 @@ Views (`VIEW` is the name `weightatlas plot` knows):
 - `scatter(a, b, tensor, *, alignment=None, max_points=2000, bins=64)`: A's weights against
   B's, binned when there are many.
 
+Views of the analyses (docs/analyses.md), drawn from `weightatlas.core`'s tables:
+
+- `esd(snapshot, tensor, *, conv="flatten", bins=60)`: the eigenvalue spectrum of one weight
+  matrix on log-log axes with its power-law fit, `xmin` and the Marchenko-Pastur edge.
+- `alphas(snapshot_or_spectrum_table, *, conv="flatten")`: the power-law exponent of every
+  weight matrix in model order, ± sigma, over WeightWatcher's 2–6 band; matrices without a
+  fit are marked, not dropped.
+- `projection_chart(projection_table, *, color="tensor", max_points=5000)`: neurons as points
+  (PCA, t-SNE, UMAP), coloured by tensor, cluster or any column; binned above `max_points`.
+- `trajectory_chart(trajectory_table, *, metric="relative_update")` and
+  `trajectory_path(trajectory_pca_table)`: each tensor over training steps, and the model's
+  path through weight space.
+- `nmf_rgb(snapshot, tensor, *, neurons=None)` and `factors_chart(snapshot_or_factors, tensor,
+  *, n_factors=3, units=None)`: the Distill article's NMF views.
+
+By name (`weightatlas plot VIEW`), `projection` projects one tensor with PCA, and
+`trajectory` and `trajectory_path` take the model of the snapshot named.
+
 Every builder also takes `max_bytes` (default 1,000,000): the spec's size budget.
 `wa.viz.chart(view, snapshot, tensor, against=..., **options)` builds a view by name, and
 `wa.plot(view, "MODEL@STEP", tensor, store=..., out=...)` does it from a store.
@@ -81,6 +99,10 @@ weightatlas plot VIEW MODEL[@STEP] [TENSOR] -o FILE [--against MODEL@STEP] [--al
                  [--neuron N] [--neurons 0,1,5] [--top K] [--agg maxabs|mean] [--bins N]
                  [--log] [--max-cells N] [--max-kb N]
 weightatlas report MODEL[@STEP] -o report.html [--max-mb 24]
+weightatlas spectrum MODEL[@STEP] [--conv flatten|per_position] [--json] [-o alphas.svg]
+weightatlas project MODEL[@STEP] TENSOR... [--method pca|tsne|umap] [--clusters K] [--json] [-o F]
+weightatlas nmf MODEL[@STEP] TENSOR [--factors K | --neuron N ...] [--json] [-o FILE]
+weightatlas trajectory MODEL [--metric relative_update] [--pca] [--json] [-o FILE]
 ```
 
 The format comes from the file's suffix: `.vl.json` (or `.json`) Vega-Lite, `.vg.json`
@@ -137,9 +159,10 @@ command line, `--alignment FILE` reads such a table from Arrow IPC or Parquet.
 
 `weightatlas report MODEL[@STEP] -o report.html` (or `wa.report(...)`,
 `wa.viz.save_report(snapshot, path)`) writes one self-contained page: the model's facts, the
-overview (each bar links to its tensor's section), the ridgeline of distributions, an index
-table of every tensor, and a section per tensor with its statistics, histogram, heatmap (2
-or more axes) and, for convolutions with spatial kernels, its strongest kernels. Links go
+overview (each bar links to its tensor's section), the ridgeline of distributions, the alpha
+of every weight matrix, an index table of every tensor, and a section per tensor with its
+statistics, histogram, heatmap (2 or more axes), eigenvalue spectrum (weight matrices) and,
+for convolutions with spatial kernels, its strongest kernels. Links go
 from the index and the overview to each section and between neighbouring sections.
 
 It stays fast for large models: charts are drawn only when they come near the viewport (the
@@ -164,7 +187,8 @@ and check that no dialog opens, nothing is requested and the console stays clean
 
 - Pairs of an alignment are not transposed or reshaped to match each other.
 - The report has no per-layer feature visualisations, expanded weights or NMF views (the
-  article's other techniques); it shows weights as stored.
+  article's other techniques; NMF views exist as `nmf_rgb` and `factors_chart`, but fitting
+  them for every convolution would make the report slow); it shows weights as stored.
 - Charts in notebooks use Altair's renderer: its default HTML renderer loads the JavaScript
   from a CDN; `alt.renderers.enable("jupyter", offline=True)` or the `mimetype` renderer
   avoid that.
@@ -174,13 +198,16 @@ and check that no dialog opens, nothing is requested and the console stays clean
 The model: snapshots `demo@1` and `demo@2` written by `gallery_store()` in
 `weightatlas/viz/_gallery.py` from a seeded generator (oriented edge kernels, a low-rank
 classifier, an embedding with a few large rows, one tensor with NaN and Inf; step 2 changes
-the classifier most). Each spec below is complete: paste it into the
+the classifier most), and `run@0` to `run@800`, written by `gallery_run()`: a small network
+whose updates shrink as it trains, with a heavy-tailed `fc1.weight` and one step where
+`fc2.weight` holds a NaN. Each spec below is complete: paste it into the
 [Vega editor](https://vega.github.io/editor/), render it with `vl-convert`, or let
 `mkdocs-charts-plugin` draw the `vegalite` blocks.
 """
 
-#: (title, explanation, code): the code runs with ``viz``, ``a`` (demo@1), ``b`` (demo@2) and
-#: ``np`` in scope and leaves the chart in ``chart``.
+#: (title, explanation, code): the code runs with ``viz``, ``a`` (demo@1), ``b`` (demo@2),
+#: ``run`` (run@800), ``store``, ``core`` (weightatlas.core) and ``np`` in scope and leaves
+#: the chart in ``chart``.
 EXAMPLES: list[tuple[str, str, str]] = [
     ("Heatmap of a matrix",
      "A linear layer's weight, rows = output neurons top to bottom, columns = inputs. Every "
@@ -227,6 +254,42 @@ EXAMPLES: list[tuple[str, str, str]] = [
      "Each weight of A against the same weight of B; above `max_points` the pairs are "
      "counted in a 2-d histogram (log colour scale) rather than sampled.",
      'chart = viz.scatter(a, b, "conv2.weight", max_points=500, bins=40)'),
+    ("Eigenvalue spectrum with its power-law fit",
+     "The empirical spectral density of one weight matrix: its eigenvalues λ = s² in "
+     "log-spaced bins on log-log axes, the power law WeightWatcher's fitter finds for the tail "
+     "(red, from xmin), and the Marchenko-Pastur density and edge of a random matrix of the "
+     "same shape and variance (grey). The header gives alpha, the KS distance and the ranks.",
+     'chart = viz.esd(run, "fc1.weight")'),
+    ("Alpha of every weight matrix",
+     "The fitted exponent of each weight matrix in model order, ± sigma, over WeightWatcher's "
+     "'well trained' band 2–6. A matrix holding NaN or Inf has no spectrum: it is a red cross, "
+     "listed in the header.",
+     "chart = viz.alphas(a)"),
+    ("Neurons projected, coloured by cluster",
+     "Each output neuron of a layer is a point: its incoming weights projected by PCA (exact; "
+     "t-SNE and UMAP work alike), coloured by k-means cluster; tooltips give the neuron's index "
+     "and norm.",
+     'chart = viz.projection_chart(core.projection(run, "fc1.weight", clusters=3),\n'
+     '                             color="cluster")'),
+    ("Updates over training",
+     "Each tensor's relative update ||W_t − W_t−1|| / ||W_t−1|| at every step, on a log axis; "
+     "the step where a tensor held NaN, and the one after it, are marked below instead of "
+     "being drawn.",
+     'chart = viz.trajectory_chart(core.trajectory(store, "run"))'),
+    ("The path through weight space",
+     "The PCA of every snapshot's flattened weights, in step order: big early steps, then "
+     "smaller ones. A tensor with NaN in any snapshot is left out and named in the header.",
+     'chart = viz.trajectory_path(core.trajectory_pca(store, "run"))'),
+    ("Neurons as NMF colours",
+     "As in the first figure of the Distill article: each output neuron's kernels factored "
+     "into three non-negative factors over its input channels, and every kernel position "
+     "coloured by its three loadings as red, green and blue.",
+     'chart = viz.nmf_rgb(run, "conv.weight", neurons=range(8))'),
+    ("One-sided NMF of a family of kernels",
+     "A convolution's units factored as signed spatial factors times non-negative channel "
+     "factors, with the relative reconstruction error in the header; the spatial factors are "
+     "drawn on the zero-centred scale.",
+     'chart = viz.factors_chart(run, "conv.weight", n_factors=2, units=range(6))'),
 ]
 
 
@@ -286,16 +349,50 @@ def gallery_store(root: str | Path) -> tuple[Snapshot, Snapshot]:
     return a, b
 
 
+def gallery_run(store: Store) -> Snapshot:
+    """Write ``run@0`` .. ``run@800``: a small network whose updates shrink step by step, a
+    heavy-tailed ``fc1.weight`` (three groups of neurons), and ``fc2.weight`` holding a NaN at
+    step 400; returns the last snapshot."""
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.standard_normal((256, 128)))
+    v, _ = np.linalg.qr(rng.standard_normal((128, 128)))
+    singular = np.sort(0.05 * (1 - rng.random(128)) ** (-1 / 1.5))[::-1]  # a Pareto tail
+    fc1 = (u * singular) @ v.T + np.repeat(rng.standard_normal((3, 128)) * 0.08, [96, 96, 64],
+                                           axis=0)
+    weights = {"conv.weight": _edges(12, 4, 5, rng) * 2, "fc1.weight": fc1,
+               "fc2.weight": rng.standard_normal((10, 256)) * 0.05,
+               "fc2.bias": rng.standard_normal(10) * 0.05}
+    decay = {"conv.weight": 0.5, "fc1.weight": 0.75, "fc2.weight": 0.6, "fc2.bias": 0.9}
+    kinds = {"conv.weight": ("conv2d", ("out", "in", "h", "w"))}
+    steps = range(0, 900, 100)
+    for k, step in enumerate(steps):
+        records = []
+        for name, w in weights.items():
+            data = w.astype(np.float32)
+            if name == "fc2.weight" and step == 400:
+                data = data.copy()
+                data[0, 0] = np.nan
+            kind, layout = kinds.get(name, ("linear", ("out", "in") if w.ndim == 2 else ("out",)))
+            records.append(TensorRecord(name, data, kind=kind, layout=layout))
+        store.write(RecordsSource(records), "run", step=step).close()
+        weights = {n: w + rng.standard_normal(w.shape) * 0.05 * np.std(w) * decay[n] ** k
+                   for n, w in weights.items()}
+    return store.snapshot(f"run@{steps[-1]}")
+
+
 def build_gallery() -> tuple[str, list[dict[str, Any]]]:
     """The gallery's Markdown and, in order, the spec of every example."""
-    from weightatlas import viz
+    from weightatlas import core, viz
 
     lines = [_HEAD]
     specs = []
     with tempfile.TemporaryDirectory() as tmp:
         a, b = gallery_store(Path(tmp) / "store")
+        store = Store(Path(tmp) / "store")
+        run = gallery_run(store)
         for title, text, code in EXAMPLES:
-            scope: dict[str, Any] = {"viz": viz, "a": a, "b": b, "np": np}
+            scope: dict[str, Any] = {"viz": viz, "a": a, "b": b, "np": np, "run": run,
+                                     "store": store, "core": core}
             exec(code, scope)  # the gallery's own fixed examples
             spec = viz.to_vega_lite(scope["chart"])
             specs.append(spec)
@@ -304,6 +401,7 @@ def build_gallery() -> tuple[str, list[dict[str, Any]]]:
                       ""]
         a.close()
         b.close()
+        run.close()
     return "\n".join(lines), specs
 
 

@@ -1,6 +1,7 @@
 """The model report: one self-contained offline HTML page with the overview, the
-distributions, an index of every tensor and a section per tensor (its statistics, histogram,
-heatmap and, for convolutions, its strongest kernels), linked to each other.
+distributions, the power-law exponent of every weight matrix, an index of every tensor and a
+section per tensor (its statistics, histogram, heatmap, eigenvalue spectrum for weight
+matrices and, for convolutions, its strongest kernels), linked to each other.
 
 The page stays light for models of thousands of tensors: charts are drawn only when they
 come near the viewport, heatmaps share a byte budget (fewer cells each when there are many),
@@ -18,12 +19,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weightatlas.errors import NotFoundError
+import pyarrow as pa
+
+from weightatlas.core.spectrum import MATRIX_KINDS
+from weightatlas.errors import NotFoundError, ShapeError
 from weightatlas.storage import Snapshot
+from weightatlas.viz._analyses import alphas_of, esd_of, tensor_spectrum
 from weightatlas.viz._dist import histogram_of, ridgeline
 from weightatlas.viz._export import chart_div, page
 from weightatlas.viz._heatmap import heatmap_of
-from weightatlas.viz._inputs import resolve
+from weightatlas.viz._inputs import TensorInput, resolve
 from weightatlas.viz._kernels import kernels_of
 from weightatlas.viz._overview import overview
 from weightatlas.viz._style import THEME, register_theme
@@ -91,6 +96,8 @@ def report_html(
     bins: int = 40,
     kernels_top: int = 8,
     renderer: str = "canvas",
+    spectra: bool = True,
+    esd_bins: int = 40,
 ) -> str:
     """The report of one snapshot as a self-contained HTML page (JavaScript inlined).
 
@@ -101,6 +108,9 @@ def report_html(
         bins: Bins per histogram.
         kernels_top: Inputs shown per neuron in kernel views.
         renderer: ``"canvas"`` (fast for big pages) or ``"svg"``.
+        spectra: Add the alpha of every weight matrix (a section of the page) and each
+            matrix's eigenvalue spectrum (in its section); see :func:`weightatlas.viz.esd`.
+        esd_bins: Bins per spectrum.
 
     Example:
         >>> from weightatlas.storage import RecordsSource, TensorRecord
@@ -119,6 +129,8 @@ def report_html(
         specs["s-ridgeline"] = _spec(ridgeline(snapshot, bins=bins))
     sections: list[tuple[int, dict[str, Any], list[str]]] = []
     heat: list[tuple[int, Any]] = []
+    fits: dict[str, list[Any]] = {k: [] for k in ("name", "kind", "alpha", "sigma",
+                                                  "ks_distance", "n_evals", "status")}
     for i, r in enumerate(rows):
         ids = []
         if r["numel"] >= 2:  # one value is all in the facts line
@@ -128,25 +140,62 @@ def report_html(
             if t.array.ndim >= 2:
                 heat.append((i, t))
                 ids.append(f"s-{i}-m")
+            if spectra and _is_matrix(r):
+                chart = _esd(t, r, fits, esd_bins)
+                if chart is not None:
+                    specs[f"s-{i}-e"] = _spec(chart)
+                    ids.append(f"s-{i}-e")
             if t.is_conv and t.array.ndim == 4 and t.shape[2] * t.shape[3] > 1:
                 specs[f"s-{i}-k"] = _spec(kernels_of(t, top=kernels_top, named=False))
                 ids.append(f"s-{i}-k")
         sections.append((i, r, ids))
+    if fits["name"]:
+        specs["s-alphas"] = _spec(alphas_of(pa.table(fits), ref=snapshot.ref, conv="flatten"))
     used = sum(len(str(s)) for s in specs.values())
     if heat:
         each = (max_bytes - used) / len(heat) - _CHART_BYTES
         cells = int(max(64, min(heatmap_cells, each / _CELL_BYTES)))
         for i, t in heat:
             specs[f"s-{i}-m"] = _spec(heatmap_of(t, max_cells=cells, lines=[]))
-    body = _body(snapshot, sections, "s-overview" in specs, "s-ridgeline" in specs)
-    order: list[str] = [k for k in ("s-overview", "s-ridgeline") if k in specs]
+    body = _body(snapshot, sections, "s-overview" in specs, "s-ridgeline" in specs,
+                 "s-alphas" in specs)
+    order: list[str] = [k for k in ("s-overview", "s-ridgeline", "s-alphas") if k in specs]
     order += [k for _, _, ids in sections for k in ids]
     return page(f"weightatlas report: {snapshot.ref}", body, {k: specs[k] for k in order},
                 css=_CSS, renderer=renderer)
 
 
+def _is_matrix(r: dict[str, Any]) -> bool:
+    """A weight matrix, as :func:`weightatlas.core.spectrum` chooses them."""
+    return r["kind"] in MATRIX_KINDS and len(r["shape"]) >= 2 and r["param"] != "bias"
+
+
+def _esd(t: TensorInput, r: dict[str, Any], fits: dict[str, list[Any]], bins: int) -> Any:
+    """The spectrum chart of one matrix (None when it has none), its fit added to ``fits``
+    with the statuses of :func:`weightatlas.core.spectrum`."""
+    chart, spec, status = None, None, "non-finite values"
+    if not (r["n_nan"] or r["n_inf"]):
+        try:
+            spec = tensor_spectrum(t, "flatten")
+        except ShapeError:  # a matrix without values
+            status = "too small"
+    if spec is not None:
+        status = "ok" if spec.fit.ok else "fit failed"
+        chart = esd_of(spec, t.shape, bins=bins)
+    ok = status == "ok"
+    fit = spec.fit if spec is not None else None
+    for key, value in (("name", r["name"]), ("kind", r["kind"]),
+                       ("alpha", fit.alpha if ok and fit else None),
+                       ("sigma", fit.sigma if ok and fit else None),
+                       ("ks_distance", fit.ks_distance if ok and fit else None),
+                       ("n_evals", int(spec.evals.size) if spec is not None else None),
+                       ("status", status)):
+        fits[key].append(value)
+    return chart
+
+
 def _body(snapshot: Snapshot, sections: list[tuple[int, dict[str, Any], list[str]]],
-          overview_ok: bool, ridges: bool) -> str:
+          overview_ok: bool, ridges: bool, spectra: bool = False) -> str:
     meta = snapshot.metadata
     esc = html.escape
     out = [f"<header><h1>{esc(snapshot.ref)}</h1>",
@@ -155,7 +204,8 @@ def _body(snapshot: Snapshot, sections: list[tuple[int, dict[str, Any], list[str
            f'ingested {esc(str(meta.get("created", "")))} · report written '
            f'{time.strftime("%Y-%m-%d %H:%M", time.gmtime())} UTC</p>',
            '<nav><a href="#overview">Overview</a><a href="#distributions">Distributions</a>'
-           '<a href="#index">Index</a><a href="#tensors">Tensors</a></nav></header>']
+           + ('<a href="#spectra">Spectra</a>' if spectra else "")
+           + '<a href="#index">Index</a><a href="#tensors">Tensors</a></nav></header>']
     bad = [(i, r) for i, r, _ in sections if r["n_nan"] or r["n_inf"]]
     if bad:
         links = ", ".join(f'<a href="#t-{i}">{esc(r["name"])}</a>' for i, r in bad)
@@ -168,6 +218,11 @@ def _body(snapshot: Snapshot, sections: list[tuple[int, dict[str, Any], list[str
                '<p class="meta">Weight matrices and kernels in model order.</p>'
                + (chart_div("s-ridgeline") if ridges else "<p>No floating tensors.</p>")
                + "</section>")
+    if spectra:
+        out.append('<section id="spectra"><h2>Spectra</h2><p class="meta">The power-law '
+                   "exponent α of each weight matrix's eigenvalue spectrum (WeightWatcher's "
+                   "fit; 2–6 is its 'well trained' range). Each matrix's section shows its "
+                   "spectrum.</p>" + chart_div("s-alphas") + "</section>")
     out.append('<section id="index"><h2>Index</h2><table class="index"><thead><tr>'
                "<th>tensor</th><th>kind</th><th>shape</th><th>values</th><th>std</th>"
                "<th>max |w|</th><th>zeros</th><th>NaN/Inf</th></tr></thead><tbody>")

@@ -86,6 +86,9 @@ def theme_config() -> dict[str, Any]:
     }
 
 
+_REGISTERED: list[bool] = []
+
+
 def register_theme() -> None:
     """Register the ``weightatlas`` Altair theme; enable it unless another theme is active.
 
@@ -101,11 +104,14 @@ def register_theme() -> None:
     """
     import altair as alt
 
-    if THEME not in alt.theme.names():
-        def _theme() -> alt.theme.ThemeConfig:
-            return cast("alt.theme.ThemeConfig", {"config": theme_config()})
+    if not _REGISTERED:
+        # alt.theme.names() reads package entry points (~5 ms a call): once is enough.
+        if THEME not in alt.theme.names():
+            def _theme() -> alt.theme.ThemeConfig:
+                return cast("alt.theme.ThemeConfig", {"config": theme_config()})
 
-        alt.theme.register(THEME, enable=False)(_theme)
+            alt.theme.register(THEME, enable=False)(_theme)
+        _REGISTERED.append(True)
     if alt.theme.active == "default":
         alt.theme.enable(THEME)
 

@@ -1,21 +1,32 @@
-"""The views by name, as ``weightatlas plot VIEW`` knows them."""
+"""The views by name, as ``weightatlas plot VIEW`` knows them.
+
+Views of the analyses that need a table (a projection, a trajectory) compute it from the
+snapshot here: ``projection`` projects one tensor's neurons, ``trajectory`` and
+``trajectory_path`` cover the model of the snapshot named, in the store that holds it.
+"""
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
+from weightatlas.core import projection, trajectory, trajectory_pca
 from weightatlas.errors import NotFoundError, UnsupportedError
-from weightatlas.storage import Snapshot
+from weightatlas.storage import Snapshot, Store
+from weightatlas.viz._analyses import alphas, esd
 from weightatlas.viz._compare import agreement, diff, scatter
 from weightatlas.viz._dist import histogram, ridgeline
+from weightatlas.viz._factors import factors_chart, nmf_rgb
 from weightatlas.viz._heatmap import heatmap
 from weightatlas.viz._kernels import kernels
 from weightatlas.viz._overview import overview
+from weightatlas.viz._projections import projection_chart, trajectory_chart, trajectory_path
+from weightatlas.viz._style import DEFAULT_MAX_BYTES
 
 __all__ = ["VIEWS", "ViewInfo", "chart"]
 
@@ -44,6 +55,49 @@ class ViewInfo:
         return [p.name for p in params if p.kind == p.KEYWORD_ONLY]
 
 
+# ---- analyses computed from a snapshot -------------------------------------------------------
+
+
+def store_of(snapshot: Snapshot) -> Store:
+    """The store that holds ``snapshot`` (its file is ``ROOT/models/MODEL/FILE``).
+
+    Raises:
+        NotFoundError: The snapshot's file is not where that store keeps it.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(snapshot.path))))
+    problem = f"snapshot file {snapshot.path} is not inside a weightatlas store"
+    try:
+        store = Store(root)
+        same = os.path.samefile(store.path(snapshot.model, snapshot.step, snapshot.tag),
+                                snapshot.path)
+    except (OSError, NotFoundError) as e:
+        raise NotFoundError(f"{problem}; trajectories need the store ({e})") from e
+    if not same:
+        raise NotFoundError(f"{problem}; trajectories need the store")
+    return store
+
+
+def projection_view(snapshot: Snapshot, tensor: str, *, method: str = "pca",
+                    clusters: int | None = None, color: str = "tensor",
+                    max_points: int = 5000, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """``projection_chart(projection(snapshot, tensor, method, clusters=...))``."""
+    table = projection(snapshot, tensor, method, clusters=clusters)
+    return projection_chart(table, color=color, max_points=max_points, max_bytes=max_bytes)
+
+
+def trajectory_view(snapshot: Snapshot, *, metric: str = "relative_update",
+                    max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """:func:`trajectory_chart` of the snapshot's model: its step-numbered snapshots."""
+    table = trajectory(store_of(snapshot), snapshot.model)
+    return trajectory_chart(table, metric=metric, max_bytes=max_bytes)
+
+
+def trajectory_path_view(snapshot: Snapshot, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """:func:`trajectory_path` of the snapshot's model."""
+    table = trajectory_pca(store_of(snapshot), snapshot.model)
+    return trajectory_path(table, max_bytes=max_bytes)
+
+
 #: Every view, by name.
 VIEWS: dict[str, ViewInfo] = {v.name: v for v in (
     ViewInfo("heatmap", heatmap, True, False, "one tensor on the zero-centred scale (pooled "
@@ -58,6 +112,20 @@ VIEWS: dict[str, ViewInfo] = {v.name: v for v in (
     ViewInfo("agreement", agreement, False, True, "per-tensor agreement of two snapshots"),
     ViewInfo("diff", diff, True, True, "heatmap of B - A for one tensor"),
     ViewInfo("scatter", scatter, True, True, "A's weights against B's (binned when large)"),
+    ViewInfo("esd", esd, True, False, "eigenvalue spectrum of one weight matrix on log-log axes "
+             "with its power-law fit"),
+    ViewInfo("alphas", alphas, False, False, "power-law exponent alpha of every weight matrix "
+             "in model order"),
+    ViewInfo("projection", projection_view, True, False, "one tensor's neurons projected by "
+             "PCA, t-SNE or UMAP"),
+    ViewInfo("trajectory", trajectory_view, False, False, "each tensor's updates over the "
+             "model's training steps"),
+    ViewInfo("trajectory_path", trajectory_path_view, False, False, "the model's path through "
+             "weight space (PCA of every step)"),
+    ViewInfo("nmf_rgb", nmf_rgb, True, False, "each neuron's kernel as an RGB image of its "
+             "3-factor NMF"),
+    ViewInfo("factors", factors_chart, True, False, "one-sided NMF of a weight family: channel "
+             "and spatial factors"),
 )}
 
 
