@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/charts.py
 	$(BIN)/python bench/analyses.py
 	$(BIN)/python bench/track.py
+	$(BIN)/python bench/saliency.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache

@@ -36,6 +36,7 @@ from weightatlas._version import __version__
 from weightatlas.core import compare
 from weightatlas.errors import (
     FormatError,
+    InputMismatchError,
     IntegrityError,
     NotFoundError,
     PathEscapeError,
@@ -45,6 +46,7 @@ from weightatlas.errors import (
     StoreError,
     UnsafeInputError,
     UnsupportedError,
+    UnsupportedOperatorError,
     WeightAtlasError,
 )
 from weightatlas.storage import Snapshot, SnapshotInfo, Store, TensorInfo, TensorRecord
@@ -71,6 +73,7 @@ __all__ = [
     "TensorRecord",
     # Errors
     "FormatError",
+    "InputMismatchError",
     "IntegrityError",
     "NotFoundError",
     "PathEscapeError",
@@ -80,5 +83,6 @@ __all__ = [
     "StoreError",
     "UnsafeInputError",
     "UnsupportedError",
+    "UnsupportedOperatorError",
     "WeightAtlasError",
 ]

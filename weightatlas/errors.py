@@ -15,6 +15,7 @@ from __future__ import annotations
 
 __all__ = [
     "FormatError",
+    "InputMismatchError",
     "IntegrityError",
     "NotFoundError",
     "PathEscapeError",
@@ -24,6 +25,7 @@ __all__ = [
     "StoreError",
     "UnsafeInputError",
     "UnsupportedError",
+    "UnsupportedOperatorError",
     "WeightAtlasError",
 ]
 
@@ -70,3 +72,11 @@ class SnapshotExistsError(StoreError):
 
 class IntegrityError(StoreError):
     """Stored bytes no longer match their checksum, or a stored file is damaged."""
+
+
+class UnsupportedOperatorError(UnsupportedError):
+    """A graph uses an operator, attribute or control flow that the executor cannot trace."""
+
+
+class InputMismatchError(WeightAtlasError):
+    """Inputs or weights given to an executor do not match the graph (name, shape or dtype)."""

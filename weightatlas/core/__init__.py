@@ -15,6 +15,25 @@ from weightatlas.core._powerlaw import EVALS_THRESHOLD, PowerLawFit, fit_power_l
 # Comparing snapshots, across frameworks
 from weightatlas.core.compare import PAIR_SCHEMA, Comparison, PairStats, align, compare, diff
 
+# The differentiable executor (ONNX graphs as JAX functions) and attributions
+from weightatlas.core.executor import (
+    OnnxFunction,
+    ValueSpec,
+    from_onnx,
+    grad_cam,
+    gradient,
+    gradient_x_input,
+    ig_steps,
+    integrated_gradients,
+    occlusion,
+    onnx_backend,
+    saliency,
+    smoothgrad,
+    smoothgrad_noise,
+    supported_operators,
+    weight_gradients,
+)
+
 # Factors and connections (Distill "Visualizing Weights")
 from weightatlas.core.factors import FamilyFactors, neuron_rgb, one_sided_nmf, rank_connections
 
@@ -35,6 +54,22 @@ from weightatlas.core.spectrum import (
 from weightatlas.core.trajectory import TRAJECTORY_SCHEMA, trajectory
 
 __all__ = [
+    # The differentiable executor and attributions
+    "OnnxFunction",
+    "ValueSpec",
+    "from_onnx",
+    "grad_cam",
+    "gradient",
+    "gradient_x_input",
+    "ig_steps",
+    "integrated_gradients",
+    "occlusion",
+    "onnx_backend",
+    "saliency",
+    "smoothgrad",
+    "smoothgrad_noise",
+    "supported_operators",
+    "weight_gradients",
     # Models rebuilt from the store
     "graph_table",
     "load_graph",
