@@ -15,7 +15,6 @@ kernel is a strided view, and msgpack leaves are views of the memory-mapped file
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from weightatlas.adapters._files import sha256_file
 from weightatlas.adapters._jax_layout import LeafPlan, canonical
 from weightatlas.adapters._jax_orbax import MAX_BYTES, MAX_FILES, is_orbax, restore
 from weightatlas.adapters._jax_tree import Leaf, walk
@@ -41,7 +41,6 @@ from weightatlas.storage import Snapshot, SourceFile, TensorRecord
 
 __all__ = ["JaxSource", "from_pytree", "read", "to_pytree"]
 
-_HASH_CHUNK = 8 << 20
 #: Top-level keys of a training state whose weights are under ``params``.
 _TRAIN_STATE_KEYS = frozenset({"step", "opt_state", "tx", "apply_fn", "rng", "epoch"})
 
@@ -100,9 +99,12 @@ class JaxSource:
             return []
         with self._lock:
             if self._files is None:
-                self._files = [SourceFile(rel, size, _sha256(self._root, rel, (dev, ino, size,
-                                                                               mtime)))
-                               for rel, size, dev, ino, mtime in self._file_facts]
+                root = self._root
+                self._files = [
+                    SourceFile(rel, size, sha256_file(os.path.join(root, rel),
+                                                      os.path.join(root, rel),
+                                                      (dev, ino, size, mtime)))
+                    for rel, size, dev, ino, mtime in self._file_facts]
             return list(self._files)
 
     def metadata(self) -> Mapping[str, Any]:
@@ -116,28 +118,6 @@ class JaxSource:
     def attachments(self) -> Mapping[str, bytes]:
         """No graph is attached for JAX sources."""
         return {}
-
-
-def _sha256(root: str, rel: str, ident: tuple[int, int, int, int]) -> str:
-    path = os.path.join(root, rel)
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise UnsafeInputError(f"{path}: cannot re-open for hashing: {e.strerror or e}") from e
-    digest = hashlib.sha256()
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != ident:
-            raise FormatError(f"{path}: file changed since it was read; read it again")
-        with open(fd, "rb", buffering=_HASH_CHUNK, closefd=False) as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-    except OSError as e:
-        raise WeightAtlasError(f"{path}: cannot read: {e.strerror or e}") from e
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
 
 
 def _source(label: str, tree: Any, facts: dict[str, Any], root: str | None = None,

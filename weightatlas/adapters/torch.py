@@ -17,7 +17,6 @@ torch itself is needed only for live modules; checkpoint files are read without 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -26,16 +25,16 @@ from typing import Any
 
 import numpy as np
 
+from weightatlas.adapters._files import sha256_file
 from weightatlas.adapters._torch_checkpoint import read_entries
 from weightatlas.adapters._torch_module import module_entries, tensor_to_numpy
 from weightatlas.adapters._torch_records import Entry, Planned, plan
 from weightatlas.adapters._torch_zip import Archive
-from weightatlas.errors import FormatError, NotFoundError, WeightAtlasError
+from weightatlas.errors import NotFoundError, WeightAtlasError
 from weightatlas.storage import Snapshot, SourceFile, TensorRecord
 
 __all__ = ["TorchSource", "from_module", "from_state_dict", "read", "to_state_dict"]
 
-_HASH_CHUNK = 8 << 20
 
 
 class TorchSource:
@@ -97,7 +96,7 @@ class TorchSource:
             if self._files is None:
                 a = self._archive
                 self._files = [SourceFile(os.path.basename(a.path), a.size,
-                                          _sha256(a.path, a.ident))]
+                                          sha256_file(os.path.realpath(a.path), a.path, a.ident))]
             return list(self._files)
 
     def metadata(self) -> Mapping[str, Any]:
@@ -111,30 +110,6 @@ class TorchSource:
     def attachments(self) -> Mapping[str, bytes]:
         """``graph.onnx`` for a module exported with its graph, else nothing."""
         return {"graph.onnx": self._graph} if self._graph is not None else {}
-
-
-def _sha256(path: str, ident: tuple[int, int, int, int]) -> str:
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise WeightAtlasError(f"{path}: cannot read: {e.strerror or e}") from e
-    digest = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != ident:
-            raise FormatError(f"{path}: file changed since it was read; read it again")
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            while got := f.readinto(view):
-                digest.update(view[:got])
-    except OSError as e:
-        raise WeightAtlasError(f"{path}: cannot read: {e.strerror or e}") from e
-    finally:
-        view.release()
-        os.close(fd)
-    return digest.hexdigest()
 
 
 def read(path: str | os.PathLike[str]) -> TorchSource:

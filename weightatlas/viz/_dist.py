@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from weightatlas.errors import NotFoundError, ShapeError
-from weightatlas.storage import Snapshot
+from weightatlas.storage import Snapshot, tensor_stats
 from weightatlas.viz._inputs import TensorInput, resolve
-from weightatlas.viz._reduce import Histogram, as_float, histogram_counts
+from weightatlas.viz._reduce import Histogram, histogram_counts
 from weightatlas.viz._style import (
     DEFAULT_MAX_BYTES,
     SEQUENTIAL_SCHEME,
@@ -40,22 +40,10 @@ def finite_moments(array: np.ndarray) -> tuple[float, float]:
         >>> finite_moments(np.array([1., 3., np.nan]))
         (2.0, 1.0)
     """
-    x = as_float(array).reshape(-1)
-    total = sq = 0.0
-    n = 0
-    for start in range(0, x.size, 1 << 22):
-        part = x[start : start + (1 << 22)].astype(np.float64)
-        part = part[np.isfinite(part)]
-        n += part.size
-        total += float(part.sum())
-    if n == 0:
+    stats = tensor_stats(np.asarray(array))  # the store's statistics, one pass in float64
+    if stats.mean is None or stats.std is None:
         return math.nan, math.nan
-    mean = total / n
-    for start in range(0, x.size, 1 << 22):
-        part = x[start : start + (1 << 22)].astype(np.float64)
-        part = part[np.isfinite(part)] - mean
-        sq += float(part @ part)
-    return mean, math.sqrt(sq / n)
+    return stats.mean, stats.std
 
 
 def _nonfinite_line(h: Histogram) -> tuple[str, str]:
