@@ -182,3 +182,120 @@ def test_plain_dicts_and_pytrees(store):
         wj.from_pytree({"a": {"b.c": np.ones(1)}, "a.b": {"c": np.ones(1)}})
     bf = wj.from_pytree({"x": jax.numpy.ones((2, 2), jax.numpy.bfloat16)})
     assert next(bf.records()).dtype == "bfloat16"
+
+
+def conv_transpose_pair(transpose_kernel: bool, cin: int = 3, cout: int = 5):  # type: ignore[no-untyped-def]
+    """A torch ConvTranspose2d and the Flax variables of the same layer, mapped by hand.
+
+    torch: weight [in, out, kh, kw], the gradient of a convolution, padding p. Flax:
+    padding ((k-1-p, k-1-p),) * 2 on the dilated input gives the same size. With
+    transpose_kernel=True the kernel is [kh, kw, out, in], applied as torch applies its
+    weight; by default it is [kh, kw, in, out] and correlated unflipped, so it is torch's
+    weight reversed on both spatial axes.
+    """
+    import flax.linen as fnn
+    import torch
+
+    k, s, p = 3, 2, 1
+    torch.manual_seed(4)
+    layer = torch.nn.ConvTranspose2d(cin, cout, k, stride=s, padding=p).eval()
+    w = layer.weight.detach().numpy()
+    kernel = (w.transpose(2, 3, 1, 0) if transpose_kernel
+              else w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
+
+    class Up(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):  # type: ignore[no-untyped-def]
+            return fnn.ConvTranspose(cout, (k, k), strides=(s, s), padding=[(k - 1 - p,) * 2] * 2,
+                                     transpose_kernel=transpose_kernel)(x)
+
+    variables = {"params": {"ConvTranspose_0": {"kernel": np.ascontiguousarray(kernel),
+                                                "bias": layer.bias.detach().numpy().copy()}}}
+    return layer, Up(), variables
+
+
+@pytest.mark.parametrize("transpose_kernel", [True, False], ids=["transpose_kernel", "default"])
+def test_conv_transpose_kernels_map_to_torchs_layout(store, transpose_kernel):
+    import torch
+
+    from weightatlas.adapters import torch as wt
+    from weightatlas.core.compare import compare
+
+    layer, up, variables = conv_transpose_pair(transpose_kernel)
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    ours = np.asarray(up.apply(variables, x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(ours, layer(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    a = store.write(wt.from_module(layer), "torch-up")
+    b = store.write(wj.from_pytree(variables), "flax-up")
+    info = b.info("ConvTranspose_0.kernel")
+    assert (info.kind, info.layout, info.shape) == ("conv_transpose", ("in", "out", "h", "w"),
+                                                    (3, 5, 3, 3))
+    attrs = json.loads(info.attrs)
+    assert attrs["transpose_kernel"] is transpose_kernel and "transpose_kernel_known" not in attrs
+    assert attrs.get("flip") == (None if transpose_kernel else ["h", "w"])
+    assert np.array_equal(b.read("ConvTranspose_0.kernel"), layer.weight.detach().numpy())
+    original = variables["params"]["ConvTranspose_0"]["kernel"]
+    back = wj.to_pytree(b)["params"]["ConvTranspose_0"]["kernel"]
+    assert back.shape == original.shape and np.array_equal(back, original)
+    assert np.array_equal(b.read("ConvTranspose_0.kernel", layout="source"), original)
+    result = compare(a, b)
+    assert result.complete and {r["verdict"] for r in result.records()} == {"identical"}
+    pair = next(r for r in result.records() if r["a"] == "weight")
+    assert (pair["b"], pair["max_abs_diff"]) == ("ConvTranspose_0.kernel", 0.0)
+
+
+def test_conv_transpose_kernel_when_shapes_cannot_tell(store):
+    from flax import nnx
+
+    _, _, variables = conv_transpose_pair(True, cin=4, cout=4)  # in == out: ambiguous
+    src = wj.from_pytree(variables)
+    attrs = next(src.records()).attrs
+    assert (attrs["transpose_kernel"], attrs["transpose_kernel_known"]) == (False, False)
+    told = wj.from_pytree(variables, transposed={"ConvTranspose_0"})
+    rec = next(told.records())
+    assert rec.attrs["transpose_kernel"] is True and "flip" not in rec.attrs
+    kernel = variables["params"]["ConvTranspose_0"]["kernel"]
+    assert np.array_equal(rec.data, kernel.transpose(3, 2, 0, 1))
+    for tk in (False, True):  # NNX modules say which they are
+        module = nnx.ConvTranspose(4, 4, (3, 3), transpose_kernel=tk, rngs=nnx.Rngs(0))
+        rec = next(r for r in wj.from_pytree(module).records() if r.name == "kernel")
+        assert (rec.kind, rec.attrs["transpose_kernel"]) == ("conv_transpose", tk)
+        source = np.asarray(module.kernel[...])
+        expected = source.transpose(3, 2, 0, 1) if tk else source[::-1, ::-1].transpose(2, 3, 0, 1)
+        assert np.array_equal(rec.data, expected)
+
+
+def test_nnx_attention_aligns_with_torch_multihead_attention(store):
+    import torch
+    from flax import nnx
+
+    from weightatlas.adapters import torch as wt
+    from weightatlas.core.compare import compare
+
+    dim, heads = 16, 4
+    torch.manual_seed(5)
+    mha = torch.nn.MultiheadAttention(dim, heads, batch_first=True).eval()
+    w, b = mha.in_proj_weight.detach().numpy(), mha.in_proj_bias.detach().numpy()
+    att = nnx.MultiHeadAttention(heads, dim, dim, dim, decode=False, rngs=nnx.Rngs(0))
+    for j, proj in enumerate((att.query, att.key, att.value)):  # in_proj rows are q, k, v
+        proj.kernel[...] = w[j * dim:(j + 1) * dim].T.reshape(dim, heads, dim // heads)
+        proj.bias[...] = b[j * dim:(j + 1) * dim].reshape(heads, dim // heads)
+    att.out.kernel[...] = mha.out_proj.weight.detach().numpy().T.reshape(heads, dim // heads, dim)
+    att.out.bias[...] = mha.out_proj.bias.detach().numpy()
+    x = np.random.default_rng(1).standard_normal((2, 5, dim)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    np.testing.assert_allclose(np.asarray(att(x)), mha(xt, xt, xt, need_weights=False)[0]
+                               .detach().numpy(), atol=1e-5)
+    a = store.write(wt.from_module(mha), "torch-mha")
+    b_snap = store.write(wj.from_pytree(att), "nnx-mha")
+    q = b_snap.info("query.kernel")
+    assert (q.kind, q.layout, q.source_layout, q.shape) == (
+        "attention", ("heads", "head_dim", "in"), ("in", "heads", "head_dim"), (4, 4, 16))
+    assert b_snap.info("out.kernel").layout == ("out", "heads", "head_dim")
+    result = compare(a, b_snap)
+    assert result.complete, result.summary()
+    rows = {r["a"]: r for r in result.records()}
+    assert (rows["q_proj.weight"]["b"], rows["q_proj.weight"]["transform"]) == (
+        "query.kernel", "reshape")
+    assert rows["v_proj.bias"]["b"] == "value.bias" and rows["out_proj.weight"]["b"] == "out.kernel"
+    assert {r["verdict"] for r in rows.values()} == {"identical"}

@@ -21,6 +21,7 @@ from weightatlas.adapters import jax as wj
 from weightatlas.adapters._jax_msgpack import parse
 from weightatlas.errors import (
     FormatError,
+    NotFoundError,
     PathEscapeError,
     ResourceLimitError,
     ShapeError,
@@ -222,3 +223,147 @@ def test_open_source_and_ingest_msgpack(tmp_path: Path):
     snap = wa.ingest(path, store=tmp_path / "store")
     assert snap.ref == "model@0"
     assert snap.info("Embed_0.embedding").kind == "embedding"
+
+
+# ---- Orbax CheckpointManager: a folder of step folders -------------------------------------
+
+MANAGER_STEPS = (0, 2, 5, 9)
+
+
+@pytest.fixture(scope="module")
+def manager_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict]]:
+    """A Flax MLP trained 9 SGD steps on digits, saved by a CheckpointManager at 0, 2, 5, 9
+    as a training state; returns the root and the params saved at each step."""
+    import flax.linen as fnn
+    import optax
+
+    from tests.framework_models import digits_data
+
+    x, y = digits_data()
+    x = x.reshape(len(x), -1)
+
+    class MLP(fnn.Module):
+        @fnn.compact
+        def __call__(self, h):  # type: ignore[no-untyped-def]
+            return fnn.Dense(10)(fnn.relu(fnn.Dense(16)(h)))
+
+    model, tx = MLP(), optax.sgd(0.5)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    opt = tx.init(params)
+
+    def loss(p):  # type: ignore[no-untyped-def]
+        logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    root = tmp_path_factory.mktemp("manager") / "ckpts"
+    saved, losses = {}, []
+    with ocp.CheckpointManager(root) as manager:
+        for step in range(max(MANAGER_STEPS) + 1):
+            if step in MANAGER_STEPS:
+                state = {"step": step, "params": params, "opt_state": opt}
+                manager.save(step, args=ocp.args.StandardSave(state))
+                saved[step] = jax.tree_util.tree_map(np.asarray, params)
+            value, grads = jax.value_and_grad(loss)(params)
+            losses.append(float(value))
+            updates, opt = tx.update(grads, opt)
+            params = optax.apply_updates(params, updates)
+        manager.wait_until_finished()
+    assert losses[-1] < losses[0]  # it learnt
+    return root, saved
+
+
+def fresh_root(manager_root: tuple[Path, dict], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(manager_root[0], tmp_path / "ckpts"))
+
+
+def test_manager_root_reads_the_latest_step_and_each_step(tmp_path: Path, manager_root):
+    root, saved = fresh_root(manager_root, tmp_path), manager_root[1]
+    assert detect_format(root) == "orbax" and wj.steps(root) == list(MANAGER_STEPS)
+    store = wa.open_store(tmp_path / "store")
+    latest = wa.ingest(root, store=store, model="mlp")
+    assert latest.ref == "mlp@9"  # the checkpoint's step, not 0
+    meta = latest.metadata["source"]
+    assert (meta["step"], meta["manager_steps"], meta["items"]) == (9, [0, 2, 5, 9], ["default"])
+    assert sorted(meta["other_keys"]) == ["opt_state", "step"]
+    kernel = saved[9]["Dense_0"]["kernel"]
+    assert np.array_equal(latest.read("Dense_0.kernel"), kernel.T)
+    assert np.array_equal(latest.read("Dense_0.kernel", layout="source"), kernel)
+    assert latest.metadata["n_params"] == sum(a.size for a in jax.tree_util.tree_leaves(saved[9]))
+    for step in MANAGER_STEPS:  # every step, as the steps of one model
+        snap = wa.ingest(root, store=store, model="all", step=step)
+        assert snap.metadata["source"]["step"] == step
+        back = wj.to_pytree(snap)["params"]
+        for got, want in zip(jax.tree_util.tree_leaves(back),
+                             jax.tree_util.tree_leaves(saved[step]), strict=True):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert [i.step for i in store.snapshots("all")] == list(MANAGER_STEPS)
+    assert not np.array_equal(store.snapshot("all@0").read("Dense_1.kernel"),
+                              store.snapshot("all@9").read("Dense_1.kernel"))
+    names = {f["name"] for f in latest.metadata["source_files"]}
+    assert "_CHECKPOINT_METADATA" in names and "default/_METADATA" in names
+    with pytest.raises(NotFoundError, match=r"ckpts: no step 4 \(steps: \[0, 2, 5, 9\]\)"):
+        wj.read(root, step=4)
+
+
+def test_manager_step_folders_ingest_from_the_cli(tmp_path: Path, manager_root, capsys):
+    from weightatlas.cli import main
+
+    root = fresh_root(manager_root, tmp_path)
+    folders = [str(root / str(s)) for s in MANAGER_STEPS]
+    assert wj.read(folders[1]).metadata()["step"] == 2  # a step folder is named by its step
+    try:
+        main(["--store", str(tmp_path / "store"), "ingest", "--model", "mlp", *folders])
+    except SystemExit as e:
+        assert not e.code, capsys.readouterr().err
+    assert capsys.readouterr().out.count("ingested") == len(MANAGER_STEPS)
+    store = wa.open_store(tmp_path / "store")
+    assert [i.step for i in store.snapshots("mlp")] == list(MANAGER_STEPS)
+    saved = manager_root[1][5]["Dense_1"]["bias"]
+    assert np.array_equal(store.snapshot("mlp@5").read("Dense_1.bias"), saved)
+
+
+def test_manager_root_links_and_broken_steps_are_refused(tmp_path: Path, manager_root):
+    secret = tmp_path / "outside"
+    shutil.copytree(manager_root[0] / "2", secret)
+    root = fresh_root(manager_root, tmp_path)
+    (root / "12").symlink_to(secret, target_is_directory=True)  # a step folder elsewhere
+    with pytest.raises(PathEscapeError, match=r"ckpts: 12 is a symbolic link to .*outside, "
+                                              r"outside the checkpoint folder"):
+        wa.ingest(root, store=tmp_path / "store")
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.arrow"))
+    (root / "12").unlink()
+    chunk = next((root / "9" / "default" / "d").iterdir())
+    chunk.unlink()
+    chunk.symlink_to(tmp_path / "secret.txt")  # inside the step read
+    with pytest.raises(PathEscapeError, match=rf"9: default/d/{chunk.name} is a symbolic link"):
+        wj.read(root)
+    wj.read(root, step=5)  # the other steps are fine
+    shutil.rmtree(root / "9")
+    (root / "9").mkdir()  # a step folder with no checkpoint in it (an unfinished save)
+    (root / "9" / "notes.txt").write_text("x")
+    with pytest.raises(FormatError, match=r"ckpts/9: not an Orbax checkpoint step \(no "
+                                          r"_CHECKPOINT_METADATA"):
+        wj.read(root)
+    assert wj.read(root, step=5).metadata()["step"] == 5
+    (root / "9" / "_CHECKPOINT_METADATA").write_text("{}")
+    with pytest.raises(FormatError, match=r"9: no array item in this checkpoint step"):
+        wj.read(root)
+    with pytest.raises(UnsupportedError, match=r"step=3 needs an Orbax CheckpointManager "
+                                               r"folder"):
+        wj.read(root / "5" / "default", step=3)
+    with pytest.raises(UnsupportedError, match="not an Orbax CheckpointManager folder"):
+        wj.steps(root / "5")
+
+
+def test_manager_step_with_several_items_reads_the_array_items(tmp_path: Path):
+    root = tmp_path / "multi"
+    with ocp.CheckpointManager(root, item_names=("state", "meta")) as manager:
+        manager.save(3, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(jax.tree_util.tree_map(jax.numpy.asarray, PARAMS)),
+            meta=ocp.args.JsonSave({"lr": 0.1})))
+        manager.wait_until_finished()
+    src = wj.read(root)
+    meta = src.metadata()
+    assert (meta["step"], meta["items"], meta["items_skipped"]) == (3, ["state"], ["meta"])
+    rec = {r.name: r for r in src.records()}
+    assert np.array_equal(rec["Dense_0.kernel"].data, PARAMS["params"]["Dense_0"]["kernel"].T)

@@ -91,7 +91,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
     Returns:
         ``"safetensors"``, ``"torch"`` (``.pt``/``.pth``/``.bin``, or a zip by its bytes),
-        ``"flax_msgpack"`` (``.msgpack``), ``"orbax"`` (a folder with Orbax metadata) or
+        ``"flax_msgpack"`` (``.msgpack``), ``"orbax"`` (a folder with Orbax metadata, or
+        an Orbax ``CheckpointManager`` folder of step folders) or
         ``"onnx"`` (``.onnx``, a folder holding one, or an ONNX protobuf by its bytes).
 
     Raises:
@@ -121,6 +122,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if any(n.endswith(SUPPORTED_SUFFIXES) for n in names):
             return "safetensors"
         if any(n in _ORBAX_MARKERS for n in names):
+            return "orbax"
+        from weightatlas.adapters._jax_orbax import is_manager_root
+
+        if is_manager_root(str(p)):  # Orbax CheckpointManager: a folder of step folders
             return "orbax"
         if any(n.endswith(_ONNX_SUFFIX) for n in names):
             return "onnx"

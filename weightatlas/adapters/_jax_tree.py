@@ -74,8 +74,12 @@ def _key(k: Any) -> str:
 
 
 def _owner_attrs(obj: Any) -> dict[str, Any]:
-    return {a: getattr(obj, a) for a in _OWNER_ATTRS
-            if isinstance(getattr(obj, a, None), int) and not isinstance(getattr(obj, a), bool)}
+    out = {a: getattr(obj, a) for a in _OWNER_ATTRS
+           if isinstance(getattr(obj, a, None), int) and not isinstance(getattr(obj, a), bool)}
+    if "ConvTranspose" in type(obj).__name__ and isinstance(getattr(obj, "transpose_kernel",
+                                                                    None), bool):
+        out["transpose_kernel"] = obj.transpose_kernel
+    return out
 
 
 def _walk_mapping(tree: Mapping[Any, Any], collection: str | None, prefix: tuple[str, ...],

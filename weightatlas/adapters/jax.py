@@ -2,12 +2,15 @@
 
 The same verbs as every adapter: :func:`from_pytree` takes a tree in memory (a Linen
 ``variables`` or ``params`` dict, an ``nnx.Module``, an ``equinox.Module``, any pytree
-of arrays), :func:`read` opens a checkpoint file or folder, :func:`to_pytree` gives a
-snapshot back as nested dicts in the source's names and layouts. Each returns a
-:class:`~weightatlas.storage.TensorSource` in the canonical form: Dense kernels
-``[in, out]`` become ``[out, in]``, convolution kernels HWIO become OIHW, attention
-kernels keep their head axes (:mod:`._jax_layout` has the table), and every record
-keeps its source layout, so ``Snapshot.read(name, layout="source")`` is the original.
+of arrays), :func:`read` opens a checkpoint file or folder (a Flax msgpack file, an
+Orbax checkpoint, an Orbax ``CheckpointManager`` folder whose :func:`steps` it lists),
+:func:`to_pytree` gives a snapshot back as nested dicts in the source's names and
+layouts. Each returns a :class:`~weightatlas.storage.TensorSource` in the canonical
+form: Dense kernels ``[in, out]`` become ``[out, in]``, convolution kernels HWIO become
+OIHW, attention kernels keep their head axes, recurrent gates are recorded
+(:mod:`._jax_layout` has the table), and every record keeps its source layout, so
+``Snapshot.read(name, layout="source")`` is the original (a default ``ConvTranspose``
+kernel, stored reversed on its spatial axes, comes back exactly from :func:`to_pytree`).
 
 Arrays are not copied: a CPU ``jax.Array`` is viewed through NumPy, a transposed
 kernel is a strided view, and msgpack leaves are views of the memory-mapped file.
@@ -20,7 +23,7 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,16 @@ import numpy as np
 
 from weightatlas.adapters._files import sha256_file
 from weightatlas.adapters._jax_layout import LeafPlan, canonical
-from weightatlas.adapters._jax_orbax import MAX_BYTES, MAX_FILES, is_orbax, restore
+from weightatlas.adapters._jax_orbax import (
+    MAX_BYTES,
+    MAX_FILES,
+    is_manager_root,
+    is_orbax,
+    items,
+    manager_steps,
+    restore,
+    step_of,
+)
 from weightatlas.adapters._jax_tree import Leaf, walk
 from weightatlas.errors import (
     FormatError,
@@ -39,7 +51,7 @@ from weightatlas.errors import (
 )
 from weightatlas.storage import Snapshot, SourceFile, TensorRecord
 
-__all__ = ["JaxSource", "from_pytree", "read", "to_pytree"]
+__all__ = ["JaxSource", "from_pytree", "read", "steps", "to_pytree"]
 
 #: Top-level keys of a training state whose weights are under ``params``.
 _TRAIN_STATE_KEYS = frozenset({"step", "opt_state", "tx", "apply_fn", "rng", "epoch"})
@@ -83,6 +95,9 @@ class JaxSource:
         for leaf, p in zip(self._leaves, self._plans, strict=True):
             try:
                 data = _as_numpy(leaf.value)
+                if p.flip:
+                    data = data[tuple(slice(None, None, -1) if i in p.flip else slice(None)
+                                      for i in range(data.ndim))]
                 if p.perm is not None:
                     data = data.transpose(p.perm)
                 if data.shape != p.shape:
@@ -121,13 +136,14 @@ class JaxSource:
 
 
 def _source(label: str, tree: Any, facts: dict[str, Any], root: str | None = None,
-            files: list[tuple[str, int, int, int, int]] | None = None) -> JaxSource:
+            files: list[tuple[str, int, int, int, int]] | None = None,
+            transposed: Collection[str] = ()) -> JaxSource:
     leaves, skipped, kind = walk(tree)
     shapes = []
     for leaf in leaves:
         shape = tuple(int(d) for d in np.shape(leaf.value))
         shapes.append(shape)
-    plans = canonical(leaves, shapes)
+    plans = canonical(leaves, shapes, frozenset(transposed))
     seen: dict[str, str] = {}
     for p in plans:
         if p.name in seen:
@@ -141,13 +157,17 @@ def _source(label: str, tree: Any, facts: dict[str, Any], root: str | None = Non
     return JaxSource(label, leaves, plans, facts, root, files)
 
 
-def from_pytree(tree: Any, *, label: str | None = None) -> JaxSource:
+def from_pytree(tree: Any, *, label: str | None = None,
+                transposed: Collection[str] = ()) -> JaxSource:
     """Parameters in memory: a Flax Linen dict, an NNX or Equinox module, any pytree.
 
     Args:
         tree: ``model.init(...)`` variables or their ``params``; an ``nnx.Module``; an
             ``equinox.Module``; or any pytree whose leaves are arrays.
         label: Name for messages and metadata (default: the tree's class name).
+        transposed: Module names (``decoder.ConvTranspose_0``) of Linen
+            ``ConvTranspose`` layers built with ``transpose_kernel=True``, for kernels
+            whose shapes cannot tell (no bias, or as many inputs as outputs).
 
     Example:
         >>> import jax, flax.linen as nn
@@ -155,7 +175,8 @@ def from_pytree(tree: Any, *, label: str | None = None) -> JaxSource:
         >>> [(r.name, r.shape, r.source_layout) for r in from_pytree(params).records()]
         [('kernel', (3, 4), ('in', 'out')), ('bias', (3,), ('out',))]
     """
-    return _source(label or type(tree).__name__, tree, {"format": "pytree"})
+    return _source(label or type(tree).__name__, tree, {"format": "pytree"},
+                   transposed=transposed)
 
 
 def _weights(tree: Any) -> tuple[Any, dict[str, Any]]:
@@ -173,7 +194,7 @@ def _weights(tree: Any) -> tuple[Any, dict[str, Any]]:
     return tree, facts
 
 
-def _read_msgpack(path: str) -> JaxSource:
+def _read_msgpack(path: str, transposed: Collection[str]) -> JaxSource:
     from weightatlas.adapters._jax_msgpack import parse
 
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -198,23 +219,96 @@ def _read_msgpack(path: str) -> JaxSource:
     tree, facts = _weights(tree)
     folder, name = os.path.split(os.path.abspath(path))
     ident = (name, st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns)
-    return _source(name, tree, {"format": "flax.msgpack", **facts}, folder, [ident])
+    return _source(name, tree, {"format": "flax.msgpack", **facts}, folder, [ident],
+                   transposed)
 
 
-def read(path: str | os.PathLike[str], *, max_files: int = MAX_FILES,
-         max_bytes: int = MAX_BYTES) -> JaxSource:
+def steps(path: str | os.PathLike[str], *, max_files: int = MAX_FILES) -> list[int]:
+    """The steps of an Orbax ``CheckpointManager`` folder, ascending.
+
+    Each step is read with ``read(path, step=s)``; to keep them all as snapshots of one
+    model: ``for s in steps(path): store.write(read(path, step=s), "model", step=s)``.
+
+    Raises:
+        UnsupportedError: The folder is not a ``CheckpointManager`` root.
+        PathEscapeError: An entry of the folder is a symbolic link leaving it.
+
+    Example:
+        >>> steps(tmp)
+        Traceback (most recent call last):
+        ...
+        weightatlas.errors.UnsupportedError: ...: not an Orbax CheckpointManager folder (no \
+step folders holding _CHECKPOINT_METADATA)
+    """
+    p = os.fspath(path)
+    if not os.path.isdir(p) or not is_manager_root(p):
+        raise UnsupportedError(f"{p}: not an Orbax CheckpointManager folder (no step folders "
+                               "holding _CHECKPOINT_METADATA)")
+    return list(manager_steps(p, max_files=max_files))
+
+
+def _read_orbax(p: str, step: int | None, max_files: int, max_bytes: int,
+                transposed: Collection[str]) -> JaxSource:
+    facts: dict[str, Any] = {"format": "orbax"}
+    folder = p
+    if is_manager_root(p) or step is not None:
+        if not is_manager_root(p):
+            raise UnsupportedError(f"{p}: step={step} needs an Orbax CheckpointManager folder "
+                                   "(a folder of step folders); this is one checkpoint")
+        found = manager_steps(p, max_files=max_files)
+        chosen = max(found) if step is None else step
+        if chosen not in found:
+            raise NotFoundError(f"{p}: no step {chosen} (steps: {list(found)})")
+        folder = os.path.join(os.path.realpath(p), found[chosen])
+        facts.update({"step": chosen, "manager_steps": list(found)})
+    arrays: list[str] | None = None
+    if os.path.lexists(os.path.join(folder, "_CHECKPOINT_METADATA")) and not os.path.lexists(
+            os.path.join(folder, "_METADATA")):
+        arrays, others = items(folder)
+        facts["items"] = arrays
+        named = step_of(os.path.basename(os.path.realpath(folder)))
+        if named is not None:
+            facts.setdefault("step", named)  # a step folder is named by its step
+        if others:
+            facts["items_skipped"] = others
+    elif "step" in facts:
+        items(folder)  # raises: a step folder that is not a checkpoint
+    tree, files = restore(folder, item_names=arrays, max_files=max_files, max_bytes=max_bytes)
+    tree, state = _weights(tree)
+    if "step" in facts and "step" in state and state["step"] != facts["step"]:
+        state["state_step"] = state.pop("step")  # the folder's step wins; both are kept
+    facts.update({k: v for k, v in state.items() if k not in facts})
+    return _source(Path(p).name, tree, facts, os.path.realpath(folder), files, transposed)
+
+
+def read(path: str | os.PathLike[str], *, step: int | None = None, max_files: int = MAX_FILES,
+         max_bytes: int = MAX_BYTES, transposed: Collection[str] = ()) -> JaxSource:
     """Open a Flax msgpack file or an Orbax checkpoint folder (restored on the CPU).
 
     A training state (``{"step", "params", "opt_state"...}``) gives its ``params`` and
-    ``batch_stats``; the step goes into the metadata.
+    ``batch_stats``; the step goes into the metadata. An Orbax ``CheckpointManager``
+    folder (one folder per step) gives its latest step, or ``step``; a step folder
+    gives its array items (one: its tree; several: ``{item: tree}``); the step goes into
+    the metadata (``metadata()["step"]``), and :func:`weightatlas.ingest` stores the
+    snapshot at that step.
+
+    Args:
+        path: A ``.msgpack`` file, an Orbax checkpoint folder, a ``CheckpointManager``
+            folder or one of its step folders.
+        step: Which step of a ``CheckpointManager`` folder (default: the latest).
+        max_files: Most files an Orbax folder may hold.
+        max_bytes: Most bytes an Orbax folder may hold.
+        transposed: Linen ``ConvTranspose`` modules built with ``transpose_kernel=True``
+            (see :func:`from_pytree`).
 
     Raises:
-        NotFoundError: No such file or folder.
+        NotFoundError: No such file or folder, or no such step.
         PathEscapeError: An Orbax folder with a symbolic link leaving it, or a tree key
             that is a path.
         UnsafeInputError: Other links, FIFOs, devices, hard links; object-dtype leaves.
         ResourceLimitError: A folder over ``max_files`` files or ``max_bytes`` bytes.
-        FormatError: A malformed file, or a checkpoint Orbax cannot restore.
+        FormatError: A malformed file, a checkpoint Orbax cannot restore, a step folder
+            that holds no checkpoint.
 
     Example:
         >>> import flax.serialization
@@ -227,14 +321,15 @@ def read(path: str | os.PathLike[str], *, max_files: int = MAX_FILES,
     if not os.path.lexists(p):
         raise NotFoundError(f"{p}: no such file or folder")
     if os.path.isdir(p):
-        if not is_orbax(p):
+        if not is_orbax(p) and not is_manager_root(p):
             raise UnsupportedError(f"{p}: not an Orbax checkpoint folder (no _METADATA, "
-                                   "_CHECKPOINT_METADATA or manifest.ocdbt)")
-        tree, files = restore(p, max_files=max_files, max_bytes=max_bytes)
-        tree, facts = _weights(tree)
-        return _source(Path(p).name, tree, {"format": "orbax", **facts},
-                       os.path.realpath(p), files)
-    return _read_msgpack(p)
+                                   "_CHECKPOINT_METADATA or manifest.ocdbt, and no step "
+                                   "folders holding one)")
+        return _read_orbax(p, step, max_files, max_bytes, transposed)
+    if step is not None:
+        raise UnsupportedError(f"{p}: step={step} needs an Orbax CheckpointManager folder; "
+                               "this is a file")
+    return _read_msgpack(p, transposed)
 
 
 def to_pytree(snapshot: Snapshot) -> dict[str, Any]:
@@ -242,6 +337,8 @@ def to_pytree(snapshot: Snapshot) -> dict[str, Any]:
 
     Source names are split on ``/`` (``params/Dense_0/kernel``), so a Linen snapshot
     gives back ``{"params": {"Dense_0": {"kernel": ...}}}`` with ``[in, out]`` kernels.
+    A default ``ConvTranspose`` kernel, stored reversed on its spatial axes
+    (``attrs["flip"]``), is reversed back.
 
     Example:
         >>> params = {"params": {"Dense_0": {"kernel": np.arange(6.0).reshape(3, 2)}}}
@@ -262,5 +359,16 @@ def to_pytree(snapshot: Snapshot) -> dict[str, Any]:
             if not isinstance(nxt, dict):
                 raise FormatError(f"{snapshot.path}: {row['source_name']!r} nests under a tensor")
             node = nxt
-        node[path[-1]] = snapshot.read(row["name"], layout="source")
+        node[path[-1]] = _source_array(snapshot, row["name"], attrs)
     return out
+
+
+def _source_array(snapshot: Snapshot, name: str, attrs: Mapping[str, Any]) -> np.ndarray:
+    """A tensor in its source layout (the store undoes the spatial flip of ``attrs["flip"]``)."""
+    flip = attrs.get("flip")
+    if flip:
+        info = snapshot.info(name)
+        if not set(flip) <= set(info.layout):
+            raise FormatError(f"{snapshot.path}: tensor {name!r}: flipped axes {flip} are not "
+                              f"axes of its layout {list(info.layout)}")
+    return snapshot.read(name, layout="source")

@@ -157,11 +157,15 @@ def to_source_layout(
     layout: tuple[str, ...] | list[str],
     source_layout: tuple[str, ...] | list[str],
     source_shape: tuple[int, ...] | list[int],
+    flip: tuple[str, ...] | list[str] = (),
 ) -> np.ndarray:
     """Give back a canonical array in the source's layout (a view where possible).
 
-    The canonical axes are permuted into the source's axis order by name, then the
-    result is reshaped to ``source_shape`` (for sources that fuse or split axes).
+    The canonical axes named in ``flip`` are reversed first (a record's ``attrs["flip"]``:
+    axes the adapter reversed, as for a Flax ``ConvTranspose`` kernel, which PyTorch's
+    convention stores spatially flipped), then the axes are permuted into the source's
+    axis order by name, and the result is reshaped to ``source_shape`` (for sources that
+    fuse or split axes).
 
     Example:
         >>> w = np.arange(6).reshape(2, 3)          # [out, in]
@@ -170,6 +174,9 @@ def to_source_layout(
     """
     layout = list(layout)
     source_layout = list(source_layout)
+    if flip:
+        array = array[tuple(slice(None, None, -1) if a in flip else slice(None)
+                            for a in layout)]
     if layout != source_layout and sorted(layout) == sorted(source_layout):
         array = array.transpose([layout.index(a) for a in source_layout])
     if tuple(array.shape) != tuple(source_shape):
