@@ -433,3 +433,21 @@ def test_large_light_models_small_tensors_match_onnxruntime(name: str) -> None:
     assert len(got) == len(small) > 0
     for name_, source in small.items():
         assert got[name_].tobytes() == np.asarray(ref[source]).tobytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bvlc_alexnet", "zfnet512", "vgg19"])
+def test_large_light_models_full_ingest(tmp_path: Path, name: str) -> None:
+    """A full ingest of the light AlexNet, ZFNet-512 and VGG-19 (240-575 MB of weights made
+    by ConstantOfShape): the parameter counts against the graph read independently (and
+    the published count), and every stored tensor's bytes against onnxruntime's values."""
+    path = f"{LIGHT}/light_{name}.onnx"
+    snap = wa.ingest(path, store=Store(tmp_path / "store", create=True), model=name)
+    params, stats = independent_count(path)
+    assert stats == 0  # no BatchNorm in these three
+    assert snap.metadata["n_params"] == params == sum(r["numel"] for r in
+                                                      snap.tensors().to_pylist())
+    if name in PUBLISHED:
+        assert params == PUBLISHED[name]
+    assert check_against_onnxruntime(path, snap) == len(snap)
+    snap.close()

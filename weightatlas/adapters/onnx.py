@@ -25,8 +25,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from weightatlas.adapters._onnx_attach import GRAPH_KEY, LOCATION_PREFIX, strip, table
 from weightatlas.adapters._onnx_external import ExternalFiles, sha256_file
 from weightatlas.adapters._onnx_graph import Limits, Value, v_array, walk
@@ -220,38 +218,12 @@ def _record(it: Item, files: ExternalFiles) -> TensorRecord:
         a = v_array(v, files)
         source_shape = v.shape
         sizes = [it.sizes[n] for n in it.source_layout]
-        data = _contiguous(
-            a.reshape(sizes).transpose([it.source_layout.index(n) for n in it.canonical]))
+        # A view: the store copies a transposed weight into C order block by block
+        # (weightatlas.storage._blocks), never holding a second whole copy per pass.
+        data = a.reshape(sizes).transpose([it.source_layout.index(n) for n in it.canonical])
     return TensorRecord(it.name, data, source_name=v.name, kind=it.kind, layout=it.canonical,
                         source_layout=it.source_layout, source_shape=source_shape,
                         module=it.module, param=it.param, attrs=_attrs(it))
-
-
-_TILE = 64
-
-
-def _contiguous(a: np.ndarray) -> np.ndarray:
-    """The canonical array in C order, made once per record (at most one tensor's memory).
-
-    The store reads a record several times (statistics, checksums, writing); a strided
-    view would be transposed on each. Transposed matrices (``MatMul`` weights stored
-    ``[in, out]``) are copied in cache-sized tiles, about twice as fast as NumPy's copy.
-    """
-    if a.flags.c_contiguous or a.size == 0:
-        return a
-    if a.ndim >= 2 and np.swapaxes(a, -1, -2).flags.c_contiguous:
-        src = np.swapaxes(a, -1, -2).reshape((-1, *a.shape[-1:] + a.shape[-2:-1]))
-        out = np.empty(a.shape, a.dtype)
-        flat = out.reshape((-1, *a.shape[-2:]))
-        rows, cols = a.shape[-1], a.shape[-2]
-        for k in range(src.shape[0]):
-            for i in range(0, rows, _TILE):
-                for j in range(0, cols, _TILE):
-                    flat[k, j:j + _TILE, i:i + _TILE] = src[k, i:i + _TILE, j:j + _TILE].T
-    else:
-        out = np.ascontiguousarray(a)
-    out.flags.writeable = False
-    return out
 
 
 def _attrs(it: Item) -> dict[str, Any]:

@@ -7,19 +7,31 @@ the schema message at the start of the file and in the footer), so the digest is
 computed over the file with both copies of its own 32 hex digits replaced by
 :data:`PLACEHOLDER`, then written into both places. ``verify`` recomputes it, so a
 flipped byte anywhere (data, statistics, padding, Arrow framing) is caught.
+
+The writer writes the file through a :class:`DigestingFile`, which hashes every byte
+on its way out (the placeholders are what is written), so that
+:func:`finalize_file_checksum` need not read the new file back; it still does when the
+file is not the one the digest was taken of (another inode, size or time).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import os
 import struct
+import sys
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import xxhash
 
 from weightatlas.errors import IntegrityError
 
-__all__ = ["PLACEHOLDER", "file_checksum", "file_checksum_positions", "finalize_file_checksum"]
+__all__ = ["PLACEHOLDER", "DigestingFile", "file_checksum", "file_checksum_positions",
+           "finalize_file_checksum"]
 
 #: The value ``file_checksum`` holds while the digest is computed.
 PLACEHOLDER = "0" * 32
@@ -100,17 +112,129 @@ def _digest(fd: int, size: int, positions: list[int]) -> str:
     return h.hexdigest()
 
 
+class DigestingFile(io.RawIOBase):
+    """A new file, written in full on every call, whose XXH3-128 is taken as it is written.
+
+    Once closed, :meth:`remember` hands its digest to :func:`finalize_file_checksum`,
+    which checks it is still the same file (inode, size, modification time).
+
+    Example:
+        >>> with DigestingFile(str(tmp / "f")) as f:
+        ...     f.write(b"abc")
+        3
+        >>> f.digest == file_checksum_of(str(tmp / "f"))
+        True
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in close())
+        self._hash = xxhash.xxh3_128()
+        self.size = 0
+        self.digest: str | None = None
+        self._flushed = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # a short write is finished here, never left to the caller
+            done += self._file.write(view[done:]) or 0
+        self._hash.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def start_writeback(self, at_least: int = 32 << 20) -> None:
+        """Have the kernel start writing out what was written so far (Linux; else nothing).
+
+        Called from a thread other than the writing one, so the file system's work for
+        these pages (block allocation, starting the I/O) is done there, not in the
+        ``close`` and ``fsync`` that end the write: those then find little left.
+        """
+        end = self.size
+        if end - self._flushed < at_least or self.closed:
+            return
+        sync_range = _sync_file_range()
+        if sync_range is not None:
+            sync_range(self._file.fileno(), self._flushed, end - self._flushed, 2)  # WRITE
+        self._flushed = end
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+            self.digest = self._hash.hexdigest()
+        super().close()
+
+    def remember(self) -> None:
+        """Record the digest of the closed, complete file for :func:`finalize_file_checksum`."""
+        if self.digest is None:
+            raise ValueError(f"{self.path}: DigestingFile.remember before close")
+        st = os.stat(self.path)
+        with _LOCK:
+            _STREAMED[self.path] = (_identity(st), self.digest)
+
+
+def file_checksum_of(path: str) -> str:
+    """XXH3-128 of a whole file, read back (the reference :class:`DigestingFile` matches)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _digest(fd, os.fstat(fd).st_size, [])
+    finally:
+        os.close(fd)
+
+
+_SYNC: Any = None
+
+
+def _sync_file_range() -> Any:
+    """Linux's ``sync_file_range(2)`` (which Python does not offer), or None."""
+    global _SYNC
+    if _SYNC is None:
+        _SYNC = False
+        if sys.platform.startswith("linux") and ctypes.sizeof(ctypes.c_void_p) == 8:
+            with contextlib.suppress(OSError, AttributeError):
+                f = ctypes.CDLL(None, use_errno=True).sync_file_range
+                f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                f.restype = ctypes.c_int
+                _SYNC = f
+    return _SYNC or None
+
+
+_LOCK = threading.Lock()
+_STREAMED: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def finalize_file_checksum(path: str) -> str:
-    """Compute the digest of a freshly written snapshot, write it into both copies, fsync."""
+    """Compute the digest of a freshly written snapshot, write it into both copies, fsync.
+
+    The digest a :class:`DigestingFile` took while writing ``path`` is used when the file
+    is still that file; otherwise the file is read back and hashed.
+    """
+    with _LOCK:
+        streamed = _STREAMED.pop(path, None)
     fd = os.open(path, os.O_RDWR)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         read = _pread_all(fd)
         positions = file_checksum_positions(read, size, path)
         for pos in positions:
             if read(pos, len(PLACEHOLDER)) != PLACEHOLDER.encode():
                 raise IntegrityError(f"{path}: file checksum placeholder not found")
-        digest = _digest(fd, size, positions)
+        if streamed is not None and streamed[0] == _identity(st):
+            digest = streamed[1]
+        else:
+            digest = _digest(fd, size, positions)
         for pos in positions:
             os.pwrite(fd, digest.encode(), pos)
         os.fsync(fd)

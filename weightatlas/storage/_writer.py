@@ -2,22 +2,30 @@
 
 Pass 1 reads every tensor once to compute its statistics and the checksum of each
 chunk (the source files' sha256 is computed at the same time on a worker thread).
+The tensor is read in C-order blocks (``_stats.blocks``) that feed both while they
+are in cache, so a strided tensor (a transposed view, say) is only ever copied a
+block at a time in this pass.
 Pass 2 writes the Arrow IPC file: the schema metadata, which Arrow writes first,
 can then hold everything (source hash, content digest, totals), and every row is
-written straight from the source's memory (a memory map, usually) to the file.
+written straight from the source's memory (a memory map, usually) to the file, or,
+for a strided tensor, from one canonical copy. A worker thread prepares the next row
+(the copy, the checksum) while the file is written, with two buffers taking turns, so
+memory stays at about two chunks (``_rows``). The file is written through a
+``DigestingFile`` (``_integrity``), so its whole-file checksum needs no second read.
 Pass 2 checks each chunk's checksum again, so a source that changes between the
 passes is an error, never a silently wrong snapshot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,7 +33,8 @@ import pyarrow as pa
 import xxhash
 
 from weightatlas._version import __version__
-from weightatlas.errors import IntegrityError, ShapeError, StoreError, WeightAtlasError
+from weightatlas.errors import ShapeError, StoreError, WeightAtlasError
+from weightatlas.storage._blocks import is_c_order_le
 from weightatlas.storage._format import (
     ALIGNMENT,
     CHECKSUM_ALGORITHM,
@@ -37,10 +46,11 @@ from weightatlas.storage._format import (
     STAT_COLUMNS,
     encode_metadata,
 )
+from weightatlas.storage._integrity import DigestingFile
 from weightatlas.storage._mmap import map_file
-from weightatlas.storage._record import TensorRecord
+from weightatlas.storage._rows import chunk_of, prepared_rows
 from weightatlas.storage._source import SourceFile, TensorSource
-from weightatlas.storage._stats import tensor_stats
+from weightatlas.storage._stats import BLOCK, StatsBuilder, TensorStats, blocks
 
 __all__ = ["Progress", "SnapshotPlan", "plan_snapshot", "write_snapshot_file"]
 
@@ -78,13 +88,26 @@ def chunk_rows(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> list[
     return [(s, min(per, rows - s)) for s in range(0, rows, per)]
 
 
-def _chunk_bytes(rec: TensorRecord, start: int, count: int) -> np.ndarray:
-    """The chunk's values as a contiguous little-endian uint8 array (a view when possible)."""
-    a = rec.data if rec.data.ndim == 0 else rec.data[start : start + count]
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    a = np.ascontiguousarray(a)
-    return a.reshape(-1).view(np.uint8)
+def _scan(data: np.ndarray, chunks: list[tuple[int, int]], scratch: np.ndarray
+          ) -> tuple[TensorStats, list[str]]:
+    """One pass over a tensor: its statistics and the XXH3-128 of each chunk's bytes."""
+    builder = StatsBuilder(data.dtype)
+    row = math.prod(data.shape[1:]) if data.ndim else 1
+    itemsize = data.dtype.itemsize
+    ends = [(start + count) * row for start, count in chunks]
+    hashers = [xxhash.xxh3_128() for _ in chunks]
+    k = 0
+    for offset, block in blocks(data, scratch):
+        builder.add(block)
+        raw = block.view(np.uint8)
+        pos, end = offset, offset + block.size
+        while pos < end:  # a block may span chunks: each part to its chunk's hash
+            while ends[k] <= pos:
+                k += 1
+            stop = min(end, ends[k])
+            hashers[k].update(raw[(pos - offset) * itemsize : (stop - offset) * itemsize].data)
+            pos = stop
+    return builder.result(), [h.hexdigest() for h in hashers]
 
 
 @dataclass
@@ -97,50 +120,57 @@ class SnapshotPlan:
     n_params: int
     nbytes: int
     source_files: list[SourceFile]
+    #: per row: its bytes are not in C order in the source (pass 2 copies them)
+    strided: list[bool] = field(default_factory=list)
 
 
 def _analyse(
     source: TensorSource, model: str, step: int | None, tag: str | None, chunk_bytes: int,
     progress: Progress,
-) -> tuple[dict[str, list[Any]], int, int, int]:
+) -> tuple[dict[str, list[Any]], list[bool], int, int, int]:
     cols: dict[str, list[Any]] = {c: [] for c in INFO_COLUMNS}
+    strided: list[bool] = []
     expected_total = source.nbytes()
     seen: set[str] = set()
     n_tensors = n_params = total = 0
+    scratch = np.empty(BLOCK * 8, np.uint8)  # one block of any dtype, reused
     for rec in source.records():
         if rec.name in seen:
             raise StoreError(f"{source.label}: tensor {rec.name!r} appears twice")
         seen.add(rec.name)
         try:
-            stats = tensor_stats(rec.data).as_dict()
-        except (ValueError, TypeError, OverflowError) as e:
-            raise StoreError(f"{source.label}: tensor {rec.name!r}: statistics failed: {e}") from e
-        try:
             chunks = chunk_rows(rec.shape, rec.data.dtype.itemsize, chunk_bytes)
         except ShapeError as e:
             raise ShapeError(f"{source.label}: tensor {rec.name!r}: {e}") from None
+        try:
+            stats_, sums = _scan(rec.data, chunks, scratch)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise StoreError(f"{source.label}: tensor {rec.name!r}: statistics failed: {e}") from e
+        stats = stats_.as_dict()
         attrs = json.dumps(dict(rec.attrs), sort_keys=True)
+        row = math.prod(rec.shape[1:]) if rec.shape else 1
+        itemsize = rec.data.dtype.itemsize
         for i, (start, count) in enumerate(chunks):
-            buf = _chunk_bytes(rec, start, count)
             fixed = {
                 "model": model, "step": step, "tag": tag, "name": rec.name,
                 "source_name": rec.source_name, "module": rec.module, "param": rec.param,
                 "kind": rec.kind, "dtype": rec.dtype, "shape": list(rec.shape),
                 "layout": list(rec.layout), "source_layout": list(rec.source_layout),
                 "source_shape": list(rec.source_shape), "chunk": i, "n_chunks": len(chunks),
-                "row_start": start, "row_count": count, "nbytes": buf.nbytes, "attrs": attrs,
-                "checksum": xxhash.xxh3_128(buf.data).hexdigest(),
+                "row_start": start, "row_count": count,
+                "nbytes": (count * row if rec.shape else 1) * itemsize, "attrs": attrs,
+                "checksum": sums[i],
             }
             for key, value in fixed.items():
                 cols[key].append(value)
             for key, _ in STAT_COLUMNS:
                 cols[key].append(stats[key])
-            del buf
+            strided.append(not is_c_order_le(chunk_of(rec, start, count)))
         n_tensors += 1
         n_params += rec.data.size
         total += rec.data.nbytes
         progress("read", rec.data.nbytes, expected_total)
-    return cols, n_tensors, n_params, total
+    return cols, strided, n_tensors, n_params, total
 
 
 def _digest(cols: dict[str, list[Any]]) -> str:
@@ -162,7 +192,7 @@ def plan_snapshot(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightatlas-sha256") as pool:
         hashing = pool.submit(source.source_files)
         try:
-            cols, n_tensors, n_params, total = _analyse(
+            cols, strided, n_tensors, n_params, total = _analyse(
                 source, model, step, tag, chunk_bytes, progress
             )
         finally:
@@ -174,7 +204,7 @@ def plan_snapshot(
                 raise StoreError(f"{source.label}: cannot hash source files: {e}") from e
     schema = pa.schema([SCHEMA.field(c) for c in INFO_COLUMNS])
     rows = pa.Table.from_pydict(cols, schema=schema)
-    return SnapshotPlan(rows, _digest(cols), n_tensors, n_params, total, files)
+    return SnapshotPlan(rows, _digest(cols), n_tensors, n_params, total, files, strided)
 
 
 def snapshot_metadata(
@@ -226,31 +256,6 @@ def _data_array(buf: np.ndarray | bytes) -> pa.Array:
     )
 
 
-def _rows_in_order(
-    source: TensorSource, plan: SnapshotPlan
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Pass 2's view of the source: each planned row with its chunk bytes, checked."""
-    names = plan.rows.column("name").to_pylist()
-    starts = plan.rows.column("row_start").to_pylist()
-    counts = plan.rows.column("row_count").to_pylist()
-    sums = plan.rows.column("checksum").to_pylist()
-    i = 0
-    for rec in source.records():
-        if i >= len(names) or rec.name != names[i]:
-            raise IntegrityError(f"{source.label}: the source changed while it was being "
-                                 f"ingested (tensor {rec.name!r} out of place)")
-        while i < len(names) and names[i] == rec.name:
-            buf = _chunk_bytes(rec, starts[i], counts[i])
-            if xxhash.xxh3_128(buf.data).hexdigest() != sums[i]:
-                raise IntegrityError(f"{source.label}: tensor {rec.name!r} changed while it was "
-                                     "being ingested")
-            yield i, buf
-            i += 1
-    if i != len(names):
-        raise IntegrityError(f"{source.label}: the source changed while it was being ingested "
-                             f"(tensor {names[i]!r} missing)")
-
-
 def write_snapshot_file(
     fd_path: str, source: TensorSource, plan: SnapshotPlan, metadata: dict[str, Any],
     progress: Progress = _no_progress,
@@ -258,24 +263,36 @@ def write_snapshot_file(
     """Pass 2: write the snapshot to ``fd_path`` (a fresh file), every data value 64-aligned."""
     schema = SCHEMA.with_metadata(encode_metadata(metadata))
     header_len = 8 + len(schema.serialize())  # magic + schema message, written lazily
-    total = plan.nbytes
-    with pa.OSFile(fd_path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for i, buf in _rows_in_order(source, plan):
-            small = plan.rows.slice(i, 1).columns
-
-            def batch(pad: int, data: pa.Array, small: list[pa.ChunkedArray] = small) -> Any:
-                arrays = [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in small]
-                return pa.RecordBatch.from_arrays(
-                    [*arrays, pa.array([b"\0" * pad], pa.binary()), data], schema=schema
-                )
-
-            twin = batch(0, _data_array(_MARKER)).serialize()
-            offset = twin.to_pybytes().find(_MARKER)
-            pos = sink.tell() or header_len
-            pad = (-(pos + offset)) % ALIGNMENT
-            writer.write_batch(batch(pad, _data_array(buf)))
-            progress("write", buf.nbytes, total)
+    # Every byte is hashed on its way to the file, so the whole-file checksum needs no
+    # second read of it (finalize_file_checksum).
+    raw = DigestingFile(fd_path)
+    with raw, pa.PythonFile(raw, mode="w") as sink, pa.ipc.new_file(sink, schema) as writer:
+        rows = prepared_rows(source, plan, raw.start_writeback)
+        with contextlib.closing(rows):  # the worker is stopped before the file closes
+            _write_rows(writer, sink, rows, plan, schema, header_len, progress)
     _check_alignment(fd_path)
+    raw.remember()
+
+
+def _write_rows(writer: Any, sink: Any, rows: Iterator[tuple[int, np.ndarray]],
+                plan: SnapshotPlan, schema: pa.Schema, header_len: int, progress: Progress
+                ) -> None:
+    total = plan.nbytes
+    for i, buf in rows:
+        small = plan.rows.slice(i, 1).columns
+
+        def batch(pad: int, data: pa.Array, small: list[pa.ChunkedArray] = small) -> Any:
+            arrays = [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in small]
+            return pa.RecordBatch.from_arrays(
+                [*arrays, pa.array([b"\0" * pad], pa.binary()), data], schema=schema
+            )
+
+        twin = batch(0, _data_array(_MARKER)).serialize()
+        offset = twin.to_pybytes().find(_MARKER)
+        pos = sink.tell() or header_len
+        pad = (-(pos + offset)) % ALIGNMENT
+        writer.write_batch(batch(pad, _data_array(buf)))
+        progress("write", buf.nbytes, total)
 
 
 def _check_alignment(path: str) -> None:
