@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import weightatlas as wa
 from weightatlas.adapters import safetensors
+from weightatlas.core._compare_casts import bfloat16_bits
 from weightatlas.core.compare import PAIR_SCHEMA, compare, diff
 from weightatlas.errors import NotFoundError, ShapeError
 from weightatlas.storage import RecordsSource, TensorRecord
@@ -54,10 +55,118 @@ def test_metrics_match_numpy_float64(shape, dtype, block, transpose, seed):
     s = diff(a, b, block=block)
     want = reference(a, b)
     # float64 pairs are computed in float64; narrower ones in float32 (module docstring)
-    tol = 1e-12 if dtype == "float64" else 1e-5
+    tol = 1e-12 if dtype == "float64" else 1e-6
     assert s.max_abs_diff == pytest.approx(want[0], rel=min(tol, 1e-7), abs=0)
     assert s.rel_l2 == pytest.approx(want[1], rel=tol)
     assert s.cosine == pytest.approx(want[2], rel=tol)
+
+
+def finite_reference(a: np.ndarray, b: np.ndarray) -> dict[str, float | int | None]:
+    """The metrics in float64 over the positions where both values are finite."""
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    both = np.isfinite(a64) & np.isfinite(b64)
+    mismatched = ~both & ~((a64 == b64) | (np.isnan(a64) & np.isnan(b64)))
+    x, y = a64[both], b64[both]
+    na, nb, nd = np.linalg.norm(x), np.linalg.norm(y), np.linalg.norm(x - y)
+    return {"max_abs_diff": float(np.abs(x - y).max()) if x.size else 0.0,
+            "rel_l2": float(nd / na) if na else (0.0 if nd == 0 else np.inf),
+            "cosine": float(x @ y / (na * nb)) if na and nb else None,
+            "n_nonfinite": int(mismatched.sum())}
+
+
+def _pair(kind, n, noise=1e-3, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(n)
+    return a.astype(kind), (a * (1 + noise * rng.standard_normal(n))).astype(kind)
+
+
+def _nonfinite(kind):
+    a, b = _pair(kind, 5003, 1e-2)
+    a, b = a.copy(), b.copy()
+    a[[0, 17, 4000]] = [np.nan, np.inf, -np.inf]
+    b[[0, 17, 4001, 5002]] = [np.nan, 1.0, np.inf, np.nan]  # NaN/NaN is no mismatch
+    return a, b
+
+
+BF16 = ml_dtypes.bfloat16
+PAIRS = {  # name -> (a, b, verdict)
+    "float32 noise": (*_pair(np.float32, 10007), "changed"),
+    "float16 noise": (*_pair(np.float16, 10007, 1e-2), "changed"),
+    "bfloat16 noise": (*_pair(BF16, 10007, 1e-1), "changed"),
+    "float32 vs bfloat16": (_pair(np.float32, 10007)[0], _pair(BF16, 10007, 1e-1)[1],
+                            "changed"),
+    "bfloat16 round trip": (_pair(np.float32, 10007)[0],
+                            _pair(np.float32, 10007)[0].astype(BF16).astype(np.float32),
+                            "cast_bfloat16"),
+    "float16 copy": (_pair(np.float32, 4099)[0], _pair(np.float32, 4099)[0].astype(np.float16),
+                     "cast_float16"),
+    "constant, 2 ulp apart": (np.full(10007, 0.1, np.float32),
+                              np.full(10007, np.float32(0.1) + 2 * np.spacing(np.float32(0.1))),
+                              "rounding"),
+    "constant, changed": (np.full(10007, 0.1, np.float32), np.full(10007, 0.1001, np.float32),
+                          "changed"),
+    "unrelated": (_pair(np.float32, 10007)[0], _pair(np.float32, 10007, seed=1)[0], "changed"),
+    "zeros against values": (np.zeros(3001, np.float32), _pair(np.float32, 3001)[0],
+                             "changed"),
+    "zeros": (np.zeros(3001, np.float16), np.zeros(3001, np.float16), "identical"),
+    "non-finite float32": (*_nonfinite(np.float32), "changed"),
+    "non-finite bfloat16": (*_nonfinite(BF16), "changed"),
+    "squares beyond float32": (_pair(np.float32, 3001)[0] * np.float32(1e25),
+                               _pair(np.float32, 3001)[1] * np.float32(1e25), "changed"),
+}
+
+
+@pytest.mark.parametrize("block", [7, 1000, 1024, 4099, 1 << 16])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_single_pass_metrics_match_numpy_float64(name, block):
+    """Every metric against float64 NumPy, across piece boundaries (sizes not multiples)."""
+    a, b, verdict = PAIRS[name]
+    s = diff(a, b, block=block)
+    want = finite_reference(a, b)
+    assert s.max_abs_diff == pytest.approx(want["max_abs_diff"], rel=1e-7, abs=0)
+    assert s.rel_l2 == pytest.approx(want["rel_l2"], rel=1e-6, abs=0)
+    if want["cosine"] is None:
+        assert s.cosine is None
+    else:
+        assert s.cosine == pytest.approx(want["cosine"], rel=1e-6, abs=1e-9)
+    assert s.n_nonfinite == want["n_nonfinite"]
+    assert s.verdict == verdict
+
+
+@pytest.mark.parametrize("block", [7, 1000, 1024, 1 << 16])
+def test_every_piece_must_fit_the_verdict(block):
+    """A verdict holds for every value, whichever piece it is in: a bfloat16 cast in the
+    first half and 1-ulp noise in the second is neither (the rounding bound used to be
+    checked only on pieces after the casts had failed), and a cast of half the values
+    is no cast (pieces without differences used to go unchecked)."""
+    a = _pair(np.float32, 2048)[0]
+    half = a[:1024].astype(BF16).astype(np.float32)
+    nudged = np.nextafter(a[1024:], np.float32(np.inf))
+    assert diff(a, np.concatenate([half, nudged]), block=block).verdict == "changed"
+    assert diff(a, np.concatenate([a[:1024], nudged]), block=block).verdict == "rounding"
+    assert diff(a, np.concatenate([half, a[1024:]]), block=block).verdict == "changed"
+    assert diff(np.concatenate([a[:1024], half]), a, block=block).verdict == "changed"
+    cast = a.astype(BF16).astype(np.float32)
+    assert diff(a, cast, block=block).verdict == "cast_bfloat16"
+    assert diff(cast, a, block=block).verdict == "cast_bfloat16"  # either side
+
+
+def test_bfloat16_rounding_by_bits_is_the_cast():
+    """Integer round-to-nearest-even against ml_dtypes on bit patterns, ties included."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # exactly halfway
+    near_max = np.arange(0x7F7F0000, 0x7F800000, 97, dtype=np.uint32)  # overflow to inf
+    x = np.concatenate([bits, ties, near_max, near_max | np.uint32(0x80000000)]).view(
+        np.float32)
+    x = x[np.isfinite(x)]
+    got = bfloat16_bits(x, np.empty(x.size, np.uint32)).view(np.float32)
+    np.testing.assert_array_equal(got, x.astype(BF16).astype(np.float32))
+
+
+def test_casts_beyond_float16_range_warn_nothing():
+    a = np.array([1e6, 1.0, -7e4], np.float32)
+    assert diff(a, a * np.float32(1.5)).verdict == "changed"  # filterwarnings = error
 
 
 def test_verdicts_tell_casts_from_changes():
@@ -307,3 +416,127 @@ def run(main, *args: str) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+@pytest.mark.parametrize("block", [5, 1000, 1 << 16], ids=["block5", "block1000", "default"])
+def test_compare_streams_stored_chunks_and_fused_rows_exactly(store, block):
+    """Stored in many small chunks on one side, fused on the other, mixed dtypes and NaN:
+    every pair's metrics equal float64 NumPy on the arrays read back whole."""
+    rng = np.random.default_rng(5)
+    e = 24
+    q, k, v = (rng.standard_normal((e, e)).astype(np.float32) for _ in range(3))
+    emb = rng.standard_normal((301, e)).astype(np.float32)
+    emb[7, 3] = np.nan
+    a = store.write(RecordsSource([
+        TensorRecord("attn.q_proj.weight", q, kind="attention", layout=("out", "in")),
+        TensorRecord("attn.k_proj.weight", k, kind="attention", layout=("out", "in")),
+        TensorRecord("attn.v_proj.weight", v, kind="attention", layout=("out", "in")),
+        TensorRecord("emb.weight", emb, kind="embedding", layout=("vocab", "dim"))]),
+        "split", chunk_bytes=e * 4 * 10)  # 10 rows a stored chunk: pieces cross them
+    fused = np.concatenate([q, k * np.float32(1.01), v + np.float32(0.01)])
+    later = (emb * (1 + 1e-2 * rng.standard_normal(emb.shape))).astype(BF16)
+    later[7, 3] = 1.0  # NaN on one side only
+    b = store.write(RecordsSource([
+        TensorRecord("attn.in_proj_weight", fused, kind="attention", layout=("out", "in")),
+        TensorRecord("emb.weight", later, kind="embedding", layout=("vocab", "dim"))]),
+        "fused", chunk_bytes=e * 4 * 7)
+    result = compare(a, b, block=block)
+    assert result.complete, result.summary()
+    rows = {r["a"]: r for r in result.records()}
+    assert [rows[f"attn.{x}_proj.weight"]["b_rows"] for x in "qkv"] == [[0, e], [e, 2 * e],
+                                                                         [2 * e, 3 * e]]
+    assert rows["attn.q_proj.weight"]["verdict"] == "identical"
+    for name, r in rows.items():
+        xb = b.read(r["b"])
+        if r["b_rows"]:
+            xb = xb[r["b_rows"][0] : r["b_rows"][1]]
+        want = finite_reference(a.read(name), xb)
+        for key in ("max_abs_diff", "rel_l2"):
+            assert r[key] == pytest.approx(want[key], rel=1e-6, abs=0), (name, key)
+        assert r["cosine"] == pytest.approx(want["cosine"], rel=1e-6), name
+        assert r["n_nonfinite"] == want["n_nonfinite"], name
+    assert rows["emb.weight"]["n_nonfinite"] == 1 and rows["emb.weight"]["verdict"] == "changed"
+
+
+def test_compare_reads_only_verified_bytes(store):
+    w = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
+    a = store.write(RecordsSource([TensorRecord("fc.weight", w)]), "m", step=1)
+    b = store.write(RecordsSource([TensorRecord("fc.weight", w * 2)]), "m", step=2)
+    path = b.path
+    b.close()
+    raw = Path(path).read_bytes()
+    with open(path, "r+b") as f:  # flip one byte of the second snapshot's tensor
+        at = raw.find((w * 2).tobytes()[:64]) + 4000
+        f.seek(at)
+        f.write(bytes([raw[at] ^ 0x40]))
+    with pytest.raises(wa.errors.IntegrityError,
+                       match=r"step-2\.arrow: tensor 'fc\.weight' \(chunk 0\) is damaged"):
+        compare(a, store.snapshot("m@2"), block=1000)
+
+
+def test_compare_memory_is_a_few_pieces_not_a_tensor(store):
+    """tracemalloc sees NumPy's allocations: the pass keeps a few pieces, not 16 MiB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2048, 2048)).astype(np.float32)  # 16 MiB
+    a = store.write(RecordsSource([TensorRecord("w", w, layout=("out", "in"))]), "m", step=1)
+    b = store.write(RecordsSource([TensorRecord("w", w.astype(BF16).astype(np.float32),
+                                                layout=("out", "in"))]), "m", step=2)
+    tracemalloc.start()
+    try:
+        result = compare(a, b)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.records()[0]["verdict"] == "cast_bfloat16"
+    assert peak < 4 * 2**20, peak
+
+
+def test_square_unnamed_matrices_are_transposed_only_when_that_is_clearly_closer(store):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((32, 32)).astype(np.float32)
+    a = store.write(RecordsSource([TensorRecord("w", w)]), "sq", step=1)
+    flipped = store.write(RecordsSource([TensorRecord("w", (w * 1.01).T.copy())]), "sq", step=2)
+    other = store.write(RecordsSource([TensorRecord("w", rng.standard_normal((32, 32)).astype(
+        np.float32))]), "sq", step=3)
+    pair = compare(a, flipped).records()[0]
+    assert (pair["transform"], pair["rel_l2"]) == ("transpose(1, 0)", pytest.approx(0.01))
+    assert "axes were unnamed" in pair["note"]
+    for x, y in ((a, other), (other, a)):
+        # unrelated: as far from B as from its transpose, so the stored orientation stays
+        pair = compare(x, y).records()[0]
+        assert (pair["transform"], pair["note"]) == ("identity", "")
+        assert pair["rel_l2"] == pytest.approx(reference(x.read("w"), y.read("w"))[1], rel=1e-6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.lists(st.sampled_from(["layer", "0", "1", "q", "weight", "norm", "attention"]),
+                  max_size=9),
+       b=st.lists(st.sampled_from(["layer", "0", "1", "q", "weight", "norm", "bias"]),
+                  max_size=9))
+def test_name_similarity_is_difflibs_ratio(a, b):
+    import difflib
+
+    from weightatlas.core._align_names import name_similarity
+
+    want = 1.0 if a == b else difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    assert name_similarity(a, b) == want
+
+
+@pytest.mark.parametrize("k", [-5, -4, -1, 1, 3, 4, 5, 9])
+def test_rounding_rule_in_float32_bits_is_four_numpy_spacings(k):
+    """``|d| <= 4 ulp(max(|a|, |b|))`` from exponent bits against NumPy's own spacing."""
+    from weightatlas.core._compare_casts import _within_4_ulp32
+
+    rng = np.random.default_rng(k + 10)
+    x = rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = x[np.isfinite(x)]
+    y = (x.view(np.int32) + k).view(np.float32)  # k units apart, across binades too
+    keep = np.isfinite(y) & (np.sign(x) == np.sign(y))
+    x, y = x[keep], y[keep]
+    d = x - y
+    want = np.abs(d.astype(np.float64)) <= 4 * np.spacing(np.maximum(np.abs(x), np.abs(y))
+                                                         ).astype(np.float64)
+    got = [_within_4_ulp32(x[i : i + 1], y[i : i + 1], d[i : i + 1]) for i in range(x.size)]
+    np.testing.assert_array_equal(got, want)

@@ -26,126 +26,22 @@ which of several identical tensors it is, less so).
 
 from __future__ import annotations
 
-import json
-import re
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from weightatlas.core._align_names import (
-    Transform,
-    family,
-    name_similarity,
-    relate,
-    role,
-    roles_compatible,
-    tokens,
-)
+from weightatlas.core._align_fused import fused
+from weightatlas.core._align_names import Transform, name_similarity, relate, roles_compatible
+from weightatlas.core._align_tensors import Alignment, Match, State, Tensor, describe
 from weightatlas.errors import NotFoundError, ShapeError
 from weightatlas.storage import Snapshot
 
 __all__ = ["Alignment", "Match", "Tensor", "align", "describe"]
 
-_FUSED_HINTS = ("in_proj", "qkv", "c_attn", "query_key_value", "wqkv")
-_QKV_ORDER = {"q": 0, "k": 1, "v": 2}
 _MAX_GROUP = 3000
 
 
-@dataclass
-class Tensor:
-    """What the aligner knows of one tensor (no bytes)."""
-
-    name: str
-    index: int
-    kind: str
-    dtype: str
-    shape: tuple[int, ...]
-    layout: tuple[str, ...]
-    numel: int
-    module: str
-    role: str
-    family: str
-    tokens: list[str]
-    attrs: dict[str, Any]
-    content: tuple[Any, ...]  #: (dtype, numel, checksums of every chunk)
-    rms: float | None
-    l2: float | None
-
-
-@dataclass(frozen=True)
-class Match:
-    """One aligned pair: B's tensor (or its rows) brought to A's by ``transform``."""
-
-    a: str
-    b: str
-    method: str  #: given, hash, structure, name
-    confidence: float
-    transform: Transform = field(default_factory=Transform)
-    a_rows: tuple[int, int] | None = None
-    b_rows: tuple[int, int] | None = None
-    note: str = ""
-
-
-@dataclass
-class Alignment:
-    """The pairs found and what each side kept unmatched, with the reason."""
-
-    matches: list[Match]
-    unmatched_a: dict[str, str]
-    unmatched_b: dict[str, str]
-    tensors_a: dict[str, Tensor] = field(default_factory=dict)
-    tensors_b: dict[str, Tensor] = field(default_factory=dict)
-
-
-def describe(snapshot: Snapshot) -> list[Tensor]:
-    """The aligner's view of every tensor of a snapshot, in model order."""
-    table = snapshot.rows().select(["name", "kind", "dtype", "shape", "layout", "numel",
-                                    "module", "param", "attrs", "checksum", "l2", "chunk"])
-    rows = table.to_pylist()
-    checks: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for r in rows:
-        checks[r["name"]].append((r["chunk"], r["checksum"]))
-    out: list[Tensor] = []
-    for r in rows:
-        if r["chunk"] != 0:
-            continue
-        numel = int(r["numel"])
-        try:
-            attrs = json.loads(r["attrs"] or "{}")
-        except ValueError:
-            attrs = {}
-        l2 = r["l2"]
-        out.append(Tensor(
-            r["name"], len(out), r["kind"], r["dtype"], tuple(r["shape"]), tuple(r["layout"]),
-            numel, r["module"], role(r["param"]), family(r["kind"]), tokens(r["name"]),
-            attrs if isinstance(attrs, dict) else {},
-            (r["dtype"], numel, tuple(c for _, c in sorted(checks[r["name"]]))),
-            None if l2 is None or numel == 0 else float(l2) / numel ** 0.5,
-            None if l2 is None else float(l2),
-        ))
-    return out
-
-
-class _State:
-    def __init__(self, a: list[Tensor], b: list[Tensor]) -> None:
-        self.a = {t.name: t for t in a}
-        self.b = {t.name: t for t in b}
-        self.free_a = dict.fromkeys(t.name for t in a)
-        self.free_b = dict.fromkeys(t.name for t in b)
-        self.matches: list[Match] = []
-
-    def take(self, m: Match) -> None:
-        self.matches.append(m)
-        self.free_a.pop(m.a, None)
-        self.free_b.pop(m.b, None)
-
-    def unmatched(self, side: str) -> list[Tensor]:
-        src, free = (self.a, self.free_a) if side == "a" else (self.b, self.free_b)
-        return [src[n] for n in free]
-
-
-def _given(st: _State, mapping: Mapping[str, str]) -> None:
+def _given(st: State, mapping: Mapping[str, str]) -> None:
     for an, bn in mapping.items():
         if an not in st.a:
             raise NotFoundError(f"mapping names {an!r}, which the first snapshot does not hold")
@@ -161,7 +57,7 @@ def _given(st: _State, mapping: Mapping[str, str]) -> None:
         st.take(Match(an, bn, "given", 1.0, t))
 
 
-def _hash(st: _State) -> None:
+def _hash(st: State) -> None:
     groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = defaultdict(
         lambda: ([], []))
     for t in st.unmatched("a"):
@@ -184,84 +80,6 @@ def _hash(st: _State) -> None:
                 st.take(Match(ta.name, same.name, "hash", 1.0, tr))
 
 
-def _parent(module: str) -> str:
-    return module.rpartition(".")[0]
-
-
-def _part_order(t: Tensor, gates: list[str] | None, from_input: bool | None) -> int | None:
-    """Where a part tensor goes in its fused whole, from its name (None: not a part)."""
-    last = t.module.rpartition(".")[2].lower()
-    fused = t.attrs.get("fused")
-    if isinstance(fused, dict) and isinstance(fused.get("index"), int):
-        return int(fused["index"])
-    if gates is None:
-        for tok in (last, *reversed(t.tokens[:-1])):
-            tok = {"query": "q", "key": "k", "value": "v"}.get(tok, tok)
-            tok = tok.removesuffix("_proj")
-            if tok in _QKV_ORDER:
-                return _QKV_ORDER[tok]
-        return None
-    gate = t.attrs.get("gate")
-    source = t.attrs.get("from")
-    m = re.fullmatch(r"([ih])([a-z])", last)
-    if gate is None and m:
-        gate, source = m.group(2), "input" if m.group(1) == "i" else "hidden"
-    if gate not in gates or (from_input is not None and source is not None
-                             and (source == "input") != from_input):
-        return None
-    return gates.index(gate)
-
-
-def _fused_one(st: _State, whole: Tensor, other: str) -> None:
-    gates = whole.attrs.get("gates")
-    low = whole.name.lower()
-    if isinstance(gates, list) and gates:
-        k, order = len(gates), [str(g) for g in gates]
-        from_input = None if whole.role.split("_")[-1] not in ("ih", "hh") else (
-            whole.role.endswith("_ih"))
-    elif any(h in low for h in _FUSED_HINTS):
-        k, order, from_input = 3, None, None
-    else:
-        return
-    if not whole.shape or whole.shape[0] % k:
-        return
-    size = whole.shape[0] // k
-    part_shape = (size, *whole.shape[1:])
-    groups: dict[str, dict[int, Tensor]] = defaultdict(dict)
-    for t in st.unmatched(other):
-        if t.numel * k != whole.numel or not roles_compatible(whole.role, t.role):
-            continue
-        if relate(part_shape, whole.layout, t.shape, t.layout) is None:
-            continue
-        pos = _part_order(t, order, from_input)
-        if pos is not None:
-            groups[_parent(t.module)].setdefault(pos, t)
-    complete = [(p, g) for p, g in groups.items() if len(g) == k]
-    if not complete:
-        return
-    _, parts = max(complete, key=lambda pg: name_similarity(tokens(pg[0]), whole.tokens))
-    for i in range(k):
-        t = parts[i]
-        rows = (i * size, (i + 1) * size)
-        tr = relate(part_shape, whole.layout, t.shape, t.layout) or Transform(None, True)
-        if other == "b":
-            st.take(Match(whole.name, t.name, "structure", 0.85, tr, a_rows=rows,
-                          note=f"part {i} of {k} of a fused tensor"))
-        else:
-            back = relate(t.shape, t.layout, part_shape, whole.layout) or Transform(None, True)
-            st.take(Match(t.name, whole.name, "structure", 0.85, back, b_rows=rows,
-                          note=f"part {i} of {k} of a fused tensor"))
-
-
-def _fused(st: _State) -> None:
-    for t in st.unmatched("a"):
-        if t.name in st.free_a:
-            _fused_one(st, t, "b")
-    for t in st.unmatched("b"):
-        if t.name in st.free_b:
-            _fused_one(st, t, "a")
-
-
 def _compatible(ta: Tensor, tb: Tensor, strict: bool) -> Transform | None:
     if ta.numel != tb.numel:
         return None
@@ -271,7 +89,7 @@ def _compatible(ta: Tensor, tb: Tensor, strict: bool) -> Transform | None:
     return relate(ta.shape, ta.layout, tb.shape, tb.layout)
 
 
-def _siblings(st: _State) -> None:
+def _siblings(st: State) -> None:
     """Tensors of modules already paired follow their module (``fc1.bias`` after ``weight``)."""
     changed = True
     while changed:
@@ -306,7 +124,7 @@ def _score(ta: Tensor, tb: Tensor, qa: float, qb: float) -> float:
     return 0.4 * name + 0.4 * order + 0.2 * stat
 
 
-def _greedy(st: _State, left: list[Tensor], right: list[Tensor], strict: bool,
+def _greedy(st: State, left: list[Tensor], right: list[Tensor], strict: bool,
             method: str, threshold: float) -> None:
     na, nb = len(left), len(right)
     scored = []
@@ -342,7 +160,7 @@ def _greedy(st: _State, left: list[Tensor], right: list[Tensor], strict: bool,
         st.take(Match(ta.name, tb.name, method, round(conf, 3), tr))
 
 
-def _by_size(st: _State, strict: bool, method: str, threshold: float) -> None:
+def _by_size(st: State, strict: bool, method: str, threshold: float) -> None:
     groups: dict[int, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
     for t in st.unmatched("a"):
         groups[t.numel][0].append(t)
@@ -360,7 +178,7 @@ def _by_size(st: _State, strict: bool, method: str, threshold: float) -> None:
         _greedy(st, left, right, strict, method, threshold)
 
 
-def _relabel(st: _State) -> None:
+def _relabel(st: State) -> None:
     out = []
     for m in st.matches:
         ta, tb = st.a[m.a], st.b[m.b]
@@ -372,7 +190,7 @@ def _relabel(st: _State) -> None:
     st.matches = out
 
 
-def _reasons(st: _State, mine: list[Tensor], theirs: dict[str, Tensor],
+def _reasons(st: State, mine: list[Tensor], theirs: dict[str, Tensor],
              free_theirs: Mapping[str, None]) -> dict[str, str]:
     sizes = {t.numel for t in theirs.values()}
     free_sizes = {theirs[n].numel for n in free_theirs}
@@ -406,11 +224,11 @@ def align(a: Snapshot, b: Snapshot, *, mapping: Mapping[str, str] | None = None)
         ('fc.weight', 'Dense_0.kernel', 'structure', 'transpose(1, 0)')
     """
     ta, tb = describe(a), describe(b)
-    st = _State(ta, tb)
+    st = State(ta, tb)
     if mapping:
         _given(st, mapping)
     _hash(st)
-    _fused(st)
+    fused(st)
     _siblings(st)
     _by_size(st, True, "structure", 0.0)
     _siblings(st)

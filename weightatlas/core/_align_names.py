@@ -10,7 +10,6 @@ same tensor (``linear``, ``attention`` and ``recurrent`` are all matrices).
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 from dataclasses import dataclass
@@ -102,6 +101,11 @@ def tokens(name: str) -> list[str]:
 def name_similarity(a: list[str], b: list[str]) -> float:
     """Similarity of two token lists in [0, 1] (1 for equal names after synonyms).
 
+    :class:`difflib.SequenceMatcher`'s ratio (no junk, no autojunk) ``2 M / (|a| + |b|)``,
+    ``M`` the tokens in matching blocks (the longest common run, earliest on ties, then
+    the same on each side of it), computed without building a matcher: the aligner
+    scores every candidate pair of same-size tensors, so this is its inner loop.
+
     Example:
         >>> name_similarity(tokens("fc1.weight"), tokens("fc1.kernel"))
         1.0
@@ -110,7 +114,35 @@ def name_similarity(a: list[str], b: list[str]) -> float:
     """
     if a == b:
         return 1.0
-    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    total = len(a) + len(b)
+    if not total:
+        return 1.0
+    where: dict[str, list[int]] = {}
+    for j, tok in enumerate(b):
+        where.setdefault(tok, []).append(j)
+    return 2.0 * _matched(a, where, 0, len(a), 0, len(b)) / total
+
+
+def _matched(a: list[str], where: dict[str, list[int]], alo: int, ahi: int, blo: int,
+             bhi: int) -> int:
+    """Tokens matched in ``a[alo:ahi]`` and ``b[blo:bhi]``, as difflib's matching blocks."""
+    besti, bestj, best = alo, blo, 0
+    run: dict[int, int] = {}
+    for i in range(alo, ahi):
+        longer = {}
+        for j in where.get(a[i], ()):
+            if j < blo:
+                continue
+            if j >= bhi:
+                break
+            k = longer[j] = run.get(j - 1, 0) + 1
+            if k > best:
+                besti, bestj, best = i - k + 1, j - k + 1, k
+        run = longer
+    if not best:
+        return 0
+    return (best + _matched(a, where, alo, besti, blo, bestj)
+            + _matched(a, where, besti + best, ahi, bestj + best, bhi))
 
 
 @dataclass(frozen=True)

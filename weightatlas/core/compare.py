@@ -8,9 +8,11 @@ and whether the difference is a dtype cast or a real change). The result, a
 :meth:`~Comparison.summary`, and JSON records; tensors that found no partner are
 listed for each side with the reason, never dropped.
 
-Each tensor is read once, as a zero-copy view of the memory-mapped snapshot (its
-checksum verified), and differenced block by block, so memory stays within the
-largest tensor.
+Each pair is measured in one pass over both tensors (``core/_compare_pass.py``):
+pieces of a few hundred KiB are streamed from the memory-mapped snapshots,
+checksummed, and every metric is computed from each piece while it is in the cache,
+so comparing costs little more than reading both snapshots' bytes once and memory
+stays within a few pieces per thread. Pairs of equal content are not read.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from weightatlas.core._align import Alignment, Match, align
-from weightatlas.core._align_names import Transform
 from weightatlas.core._compare_metrics import BLOCK, PairStats, diff_arrays
+from weightatlas.core._compare_pass import measure
 from weightatlas.errors import ShapeError
 from weightatlas.storage import Snapshot
 
@@ -48,7 +50,7 @@ PAIR_SCHEMA = pa.schema([
 
 
 def diff(a: Any, b: Any, *, block: int = BLOCK) -> PairStats:
-    """Differences of two arrays of one shape (float64, block by block).
+    """Differences of two arrays of one shape, in one pass of ``block``-value pieces.
 
     Raises:
         ShapeError: The shapes differ.
@@ -143,35 +145,27 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _rows(array: np.ndarray, rows: tuple[int, int] | None) -> np.ndarray:
-    return array if rows is None else array[rows[0] : rows[1]]
+def _workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
-def _measure(a: Snapshot, b: Snapshot, found: Alignment, m: Match, block: int
-             ) -> tuple[Match, PairStats]:
-    ta, tb = found.tensors_a[m.a], found.tensors_b[m.b]
-    if m.a_rows is None and m.b_rows is None and ta.content == tb.content:
-        # Equal dtype and XXH3-128 of every chunk: equal bytes, nothing to read.
-        cosine = 1.0 if ta.l2 else None
-        return m, PairStats(0.0, 0.0, cosine, "identical", 0)
-    xa = _rows(a.read(m.a), m.a_rows)
-    xb = _rows(b.read(m.b), m.b_rows)
-    t = m.transform
-    yb = xb.transpose(t.perm) if t.perm is not None else xb
-    if yb.shape != xa.shape:
-        yb = yb.reshape(xa.shape)
-    stats = diff_arrays(xa, yb, ta.dtype, tb.dtype, block=block)
-    square = xa.ndim == 2 and xa.shape[0] == xa.shape[1] and t.perm is None and any(
-        x.startswith("d") and x[1:].isdigit() for x in (*ta.layout, *tb.layout))
-    if square and stats.verdict == "changed":  # unnamed axes: the transpose may be meant
-        other = diff_arrays(xa, yb.T, ta.dtype, tb.dtype, block=block)
-        if other.rel_l2 < stats.rel_l2:
-            m = Match(m.a, m.b, m.method, m.confidence, Transform((1, 0)), m.a_rows, m.b_rows,
-                      (m.note + "; " if m.note else "") + "transposed: axes were unnamed")
-            stats = other
-    if (m.a_rows or m.b_rows) and stats.verdict == "identical" and ta.dtype == tb.dtype:
-        m = Match(m.a, m.b, "hash", 1.0, m.transform, m.a_rows, m.b_rows, m.note)
-    return m, stats
+def _measure_all(a: Snapshot, b: Snapshot, found: Alignment, block: int
+                 ) -> list[tuple[Match, PairStats]]:
+    """Every pair measured on a few threads, largest first (NumPy, BLAS and XXH3 release
+    the GIL on each piece), results in alignment order."""
+    order = sorted(range(len(found.matches)), key=lambda i: -found.tensors_a[
+        found.matches[i].a].numel)
+    out: list[tuple[Match, PairStats] | None] = [None] * len(order)
+    with ThreadPoolExecutor(_workers()) as pool:
+        futures = {pool.submit(measure, a, b, found, found.matches[i], block): i
+                   for i in order}
+        for future, i in futures.items():
+            out[i] = future.result()
+    return [r for r in out if r is not None]
 
 
 def compare(a: Snapshot, b: Snapshot, *, mapping: Mapping[str, str] | None = None,
@@ -181,7 +175,8 @@ def compare(a: Snapshot, b: Snapshot, *, mapping: Mapping[str, str] | None = Non
     Args:
         a, b: The snapshots (any frameworks; ``a`` is the reference for relative L2).
         mapping: Pairs to take as given (``{name in a: name in b}``), before alignment.
-        block: Values differenced at a time.
+        block: Values per piece of the single pass (tests use tiny ones to cross many
+            piece boundaries).
 
     Raises:
         ShapeError: A given pair whose shapes cannot be brought to each other.
@@ -198,9 +193,7 @@ def compare(a: Snapshot, b: Snapshot, *, mapping: Mapping[str, str] | None = Non
         ('Dense_0.kernel', 'identical', True)
     """
     found: Alignment = align(a, b, mapping=mapping)
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:  # NumPy releases the GIL in each block
-        measured = list(pool.map(lambda m: _measure(a, b, found, m, block), found.matches))
+    measured = _measure_all(a, b, found, block)
     cols: dict[str, list[Any]] = {f.name: [] for f in PAIR_SCHEMA}
     for m, s in measured:
         ta, tb = found.tensors_a[m.a], found.tensors_b[m.b]

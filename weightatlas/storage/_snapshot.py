@@ -7,13 +7,15 @@ are read together, once, the first time a listing asks for them. No tensor bytes
 are touched until a tensor is read. :meth:`Snapshot.read` returns a read-only NumPy
 view straight over the mapped file when the tensor is one chunk (it joins the
 chunks of a large tensor into one new array), after checking the XXH3-128 checksum
-of its bytes. Every batch read is validated (``validate(full=True)``) and checked
-against the metadata, so a damaged file is an :class:`IntegrityError`, never a
-crash or a wrong answer.
+of its bytes; :meth:`Snapshot.iter_chunks` streams a tensor in views of a few hundred
+KiB instead, checksumming them as they pass. Every batch read is validated
+(``validate(full=True)``) and checked against the metadata, so a damaged file is an
+:class:`IntegrityError`, never a crash or a wrong answer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from weightatlas.errors import (
     IntegrityError,
     NotFoundError,
     PathEscapeError,
+    ShapeError,
     UnsupportedError,
     WeightAtlasError,
 )
@@ -264,15 +267,18 @@ class Snapshot:
             raise IntegrityError(f"{self.path}: tensor {name!r}: row {i} holds {buf.size} bytes, "
                                  f"its nbytes column says {expected}")
         if verify:
-            actual = xxhash.xxh3_128(buf).hexdigest()
-            stored = batch.column("checksum")[0].as_py()
-            if actual != stored:
-                raise IntegrityError(
-                    f"{self.path}: tensor {name!r} (chunk {batch.column('chunk')[0]}) is "
-                    f"damaged: checksum {actual} does not match the stored {stored}; "
-                    "run `weightatlas verify` and re-ingest the snapshot"
-                )
+            self._check_row(i, name, xxhash.xxh3_128(buf).hexdigest())
         return buf
+
+    def _check_row(self, i: int, name: str, actual: str) -> None:
+        batch = self._batch(i)
+        stored = batch.column("checksum")[0].as_py()
+        if actual != stored:
+            raise IntegrityError(
+                f"{self.path}: tensor {name!r} (chunk {batch.column('chunk')[0]}) is "
+                f"damaged: checksum {actual} does not match the stored {stored}; "
+                "run `weightatlas verify` and re-ingest the snapshot"
+            )
 
     def read(self, name: str, *, layout: str = "canonical", verify: bool = True) -> np.ndarray:
         """Read one tensor as a NumPy array (read-only, zero-copy when it is one chunk).
@@ -291,14 +297,7 @@ class Snapshot:
             raise UnsupportedError(f"layout must be 'canonical' or 'source', got {layout!r}")
         rows = self._row_indices(name)
         first = self._batch(rows[0])
-        try:
-            dtype = dtype_from_name(first.column("dtype")[0].as_py())
-        except UnsupportedError as e:
-            raise IntegrityError(f"{self.path}: tensor {name!r}: {e}") from None
-        shape = tuple(first.column("shape")[0].as_py())
-        if any(d < 0 for d in shape):
-            raise IntegrityError(f"{self.path}: tensor {name!r}: negative shape {list(shape)}")
-        expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        dtype, shape, expected = self._dtype_shape(name, first)
         if len(rows) == 1:
             buf = self._row_buffer(rows[0], name, verify)
             if buf.size != expected:
@@ -310,15 +309,107 @@ class Snapshot:
         if layout == "canonical":
             return array
         try:
+            attrs = first.column("attrs")[0].as_py()
+            flip = json.loads(attrs).get("flip") or [] if attrs and '"flip"' in attrs else []
             return to_source_layout(
                 array,
                 first.column("layout")[0].as_py(),
                 first.column("source_layout")[0].as_py(),
                 first.column("source_shape")[0].as_py(),
+                flip,
             )
-        except ValueError as e:
+        except (ValueError, AttributeError) as e:
             raise IntegrityError(f"{self.path}: tensor {name!r}: its source layout cannot be "
                                  f"restored: {e}") from e
+
+    def _dtype_shape(self, name: str, first: pa.RecordBatch
+                     ) -> tuple[np.dtype, tuple[int, ...], int]:
+        """A tensor's dtype, shape and byte size, from its first row (checked)."""
+        try:
+            dtype = dtype_from_name(first.column("dtype")[0].as_py())
+        except UnsupportedError as e:
+            raise IntegrityError(f"{self.path}: tensor {name!r}: {e}") from None
+        shape = tuple(first.column("shape")[0].as_py())
+        if any(d < 0 for d in shape):
+            raise IntegrityError(f"{self.path}: tensor {name!r}: negative shape {list(shape)}")
+        return dtype, shape, int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+    def iter_chunks(self, name: str, *, size: int = 1 << 16, start: int = 0,
+                    stop: int | None = None, verify: bool = True) -> Iterator[np.ndarray]:
+        """Stream a tensor's values in pieces, each checksummed as it passes.
+
+        Yields read-only 1-d views over the mapped file: the tensor's values in C order
+        (canonical layout) from element ``start`` to ``stop`` (default: the end), at
+        most ``size`` values a piece, a piece never spanning two stored chunks. With
+        ``verify``, the XXH3-128 checksum of every stored chunk the range touches
+        (all its bytes, also those outside the range) is computed piece by piece and
+        checked *before* that chunk's last piece is yielded: a loop that runs to its end
+        has seen only verified bytes, and a loop over damaged bytes ends in
+        :class:`IntegrityError` (discard what it computed). Each byte is thus read
+        once, while it is in the cache, where :meth:`read` followed by a pass over the
+        array reads every byte twice.
+
+        Args:
+            name: Canonical tensor name.
+            size: Values per piece at most (a few hundred KiB keeps a piece in cache).
+            start, stop: The range of values (flat C-order indices) to yield.
+            verify: Check the checksums.
+
+        Raises:
+            NotFoundError: No tensor of that name.
+            ShapeError: ``start``/``stop`` outside the tensor, or ``size`` below 1.
+            IntegrityError: The stored bytes do not match their checksum or shape.
+
+        Example:
+            >>> from weightatlas.storage import RecordsSource, TensorRecord
+            >>> w = np.arange(10, dtype=np.float32)
+            >>> snap = store.write(RecordsSource([TensorRecord("b", w)]), "chunks")
+            >>> [p.tolist() for p in snap.iter_chunks("b", size=4, start=1, stop=8)]
+            [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0]]
+        """
+        rows = self._row_indices(name)
+        dtype, shape, expected = self._dtype_shape(name, self._batch(rows[0]))
+        numel = expected // dtype.itemsize if dtype.itemsize else 0
+        stop = numel if stop is None else stop
+        if size < 1 or not 0 <= start <= stop <= numel:
+            raise ShapeError(f"{self.path}: tensor {name!r} {list(shape)}: cannot stream values "
+                             f"[{start}, {stop}) in pieces of {size}; it holds {numel} values")
+        return self._pieces(name, rows, dtype, expected, size, start, stop, verify)
+
+    def _pieces(self, name: str, rows: list[int], dtype: np.dtype, expected: int, size: int,
+                start: int, stop: int, verify: bool) -> Iterator[np.ndarray]:
+        at = 0  # first value of the current row
+        for i in rows:
+            buf = self._row_buffer(i, name, verify=False)
+            if buf.size % dtype.itemsize:
+                raise IntegrityError(f"{self.path}: tensor {name!r}: row {i} holds {buf.size} "
+                                     f"bytes, not a whole number of {dtype} values")
+            if at * dtype.itemsize + buf.size > expected:
+                raise IntegrityError(f"{self.path}: tensor {name!r}: chunks hold more than "
+                                     f"its shape needs ({expected} bytes)")
+            values = np.frombuffer(buf, dtype=dtype)
+            lo, hi = max(start - at, 0), min(stop - at, values.size)
+            at += values.size
+            if lo >= hi:
+                if at > stop:
+                    break
+                continue
+            check = xxhash.xxh3_128() if verify else None
+            raw, width = memoryview(buf), dtype.itemsize  # bytes, hashed as they pass
+            if check is not None and lo:
+                check.update(raw[: lo * width])
+            for s in range(lo, hi, size):
+                end = min(s + size, hi)
+                if check is not None:
+                    check.update(raw[s * width : end * width])
+                    if end == hi:
+                        check.update(raw[hi * width :])
+                        self._check_row(i, name, check.hexdigest())
+                yield values[s:end]
+        else:
+            if at * dtype.itemsize != expected:
+                raise IntegrityError(f"{self.path}: tensor {name!r}: chunks hold "
+                                     f"{at * dtype.itemsize} bytes, its shape needs {expected}")
 
     def _join(self, name: str, rows: list[int], shape: tuple[int, ...], dtype: np.dtype,
               expected: int, verify: bool) -> np.ndarray:
