@@ -32,7 +32,9 @@ browser:
 
 # Train a small network on scikit-learn's digits, save it as safetensors at three
 # training steps, ingest them into a store, show what the store holds, compare two
-# steps, and write the offline HTML report.
+# steps, and write the offline HTML report. Then ingest the final model as ONNX and run
+# it from the store: integrated gradients on one digit per class, the weights'
+# gradients as a snapshot, and the expanded weights from the image to each class.
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/python -m weightatlas._demo $(DEMO)
@@ -45,7 +47,12 @@ demo: $(STAMP)
 	$(BIN)/weightatlas --store $(DEMO)/store compare digits-mlp@1 digits-mlp@60
 	$(BIN)/weightatlas --store $(DEMO)/store plot heatmap digits-mlp fc1.weight -o $(DEMO)/fc1.svg
 	$(BIN)/weightatlas --store $(DEMO)/store report digits-mlp -o $(DEMO)/report.html
+	$(BIN)/weightatlas --store $(DEMO)/store ingest --model digits-onnx $(DEMO)/digits-mlp.onnx
+	$(BIN)/weightatlas --store $(DEMO)/store saliency digits-onnx -i $(DEMO)/digits.npy --method ig -o $(DEMO)/saliency.png
+	$(BIN)/weightatlas --store $(DEMO)/store gradients digits-onnx -i $(DEMO)/digits.npy --target 0,1,2,3,4,5,6,7,8,9 --loss cross_entropy
+	$(BIN)/weightatlas --store $(DEMO)/store expand digits-onnx x fc3 --channels 0,1,2,3,4,5,6,7,8,9 --top 1 -o $(DEMO)/expanded.png
 	@echo "report: $(DEMO)/report.html (open it in a browser; it works offline)"
+	@echo "charts: $(DEMO)/saliency.png, $(DEMO)/expanded.png"
 
 lint: $(STAMP)
 	$(BIN)/ruff check weightatlas tests bench

@@ -7,12 +7,15 @@ with ``torch.onnx.export``, in the executor. For a batch of 8 images it times
 - integrated gradients (50 Gauss-Legendre steps, internal batch 50),
 
 interleaving the implementations in each repeat. For saliency it also times ResNet-18
-written directly in JAX (NHWC), to show what the executor adds over plain JAX. The
-executor's first call traces and compiles; it is printed separately, and the
+written directly in JAX (NHWC, plain ``lax`` calls), to compare the executor with plain
+JAX. The executor's first call traces and compiles; it is printed separately, and the
 steady-state times are medians of the later calls. Attributions are compared (relative
-L2) with Captum's, and the saliency of both with PyTorch's float64 result.
+L2) with Captum's, and the saliency of both with PyTorch's float64 result. The load
+average is printed at the start and the end: on a shared machine PyTorch slows down far
+more than XLA, so only runs on an otherwise idle machine give representative ratios.
 
     .venv/bin/python bench/saliency.py [--size 224] [--batch 8] [--steps 50] [--repeats 3]
+        [--only saliency]
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument("--internal-batch", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ig-repeats", type=int, default=2)
+    parser.add_argument("--only", choices=("saliency", "integrated gradients"),
+                        help="time one attribution only")
     args = parser.parse_args()
 
     import jax
@@ -138,7 +143,8 @@ def main() -> None:
           f"({torch.get_num_threads()} threads), jax {jax.__version__} "
           f"({jax.devices()[0].platform})")
     print(f"ResNet-18, batch {args.batch}, {args.size}x{args.size}, "
-          f"IG {args.steps} steps (gausslegendre), internal batch {args.internal_batch}\n")
+          f"IG {args.steps} steps (gausslegendre), internal batch {args.internal_batch}")
+    print("load average at start: {:.2f} {:.2f} {:.2f}\n".format(*os.getloadavg()))
 
     rows = []
     firsts, captums = {}, {}
@@ -146,6 +152,8 @@ def main() -> None:
                                          args.repeats),
                                         ("integrated gradients", ours_ig, captum_ig,
                                          args.ig_repeats)):
+        if args.only and name != args.only:
+            continue
         first_s, first = timed(ours)
         _, expected = timed(theirs)
         firsts[name], captums[name] = first, expected
@@ -170,6 +178,8 @@ def main() -> None:
                   f"{m / p:.2f}", flush=True)
 
     # Accuracy: both float32 results against PyTorch in float64 on the same input.
+    if "saliency" not in firsts:
+        firsts["saliency"], captums["saliency"] = ours_saliency(), captum_saliency()
     exact = leaf.detach().double().requires_grad_(True)
     module.double()(exact)[torch.arange(args.batch), target_t].sum().backward()
     module.float()
@@ -179,6 +189,7 @@ def main() -> None:
     print(f"saliency against float64 PyTorch: executor {ours_error:.1e}, "
           f"Captum (float32 PyTorch) {captum_error:.1e}", flush=True)
 
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print("\n| attribution | Captum | executor (compiled) | ratio | executor first call |")
     print("|---|---|---|---|---|")
     for name, c, m, first_s in rows:

@@ -163,3 +163,13 @@ def test_ingest_shows_a_progress_bar_with_bytes_per_second(tmp_path: Path, monke
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
     assert "checking big.safetensors" in shown and "writing  big.safetensors" in shown
     assert re.search(r"\d+(\.\d+)? [kMG]?B/s", shown), shown[-500:]
+
+
+def test_help_keeps_brackets_literal(capsys):
+    """Help text is plain: snapshot syntax and defaults keep their brackets."""
+    code, out, _ = run(capsys, "compare", "--help")
+    assert code == 0 and "MODEL[@STEP|@TAG]" in out
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "[default: ./weightatlas_store]" in " ".join(out.split())
+    for command in ("saliency", "gradients", "expand"):
+        assert command in out

@@ -25,12 +25,15 @@ from weightatlas import core as core
 from weightatlas import viz as viz
 from weightatlas._api import (
     default_model_name,
+    expand,
+    feature_visualization,
     ingest,
     open_store,
     plot,
     read_alignment,
     report,
 )
+from weightatlas._attribution import Attribution, attribute, weight_gradients
 from weightatlas._track import Tracker, track
 from weightatlas._version import __version__
 from weightatlas.core import compare
@@ -57,6 +60,14 @@ __all__ = [
     "default_model_name",
     "ingest",
     "open_store",
+    # Attributions and weight gradients of a stored model (through the executor)
+    "Attribution",
+    "attribute",
+    "weight_gradients",
+    # Expanded weights of a stored model (through the executor)
+    "expand",
+    # Feature visualization of a stored model's channels (through the executor)
+    "feature_visualization",
     # Comparing snapshots and capturing training runs
     "Tracker",
     "compare",

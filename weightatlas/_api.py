@@ -9,14 +9,20 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from weightatlas.errors import FormatError, StoreError
 from weightatlas.storage import DEFAULT_CHUNK_BYTES, Snapshot, Store
 
-__all__ = ["default_model_name", "ingest", "open_store", "plot", "read_alignment", "report"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from weightatlas.core.executor import ExpandedWeights, FeatureVisResult
+
+__all__ = ["default_model_name", "expand", "feature_visualization", "ingest", "open_store",
+           "plot", "read_alignment", "report"]
 
 
 def open_store(path: str | os.PathLike[str] | None = None, *, create: bool = True) -> Store:
@@ -72,7 +78,10 @@ def ingest(
         path: A ``.safetensors`` file, a sharded checkpoint's ``.index.json``, or a folder.
         store: A :class:`Store` or its directory (created if missing).
         model: Model name; defaults to the file name without its suffix.
-        step: Training step of this snapshot (default 0 when no tag is given).
+        step: Training step of this snapshot (default: the step the checkpoint records,
+            as a JAX training state or an Orbax ``CheckpointManager`` step does, else 0
+            when no tag is given). For an Orbax ``CheckpointManager`` folder, also which
+            step is read (default: the latest).
         tag: A name instead of a step (``best``, ``final``...).
         overwrite: Replace an existing snapshot with different content.
         chunk_bytes: Tensors larger than this are stored in chunks.
@@ -93,9 +102,15 @@ def ingest(
     if step is not None and tag is not None:
         raise StoreError("give a step or a tag, not both")
     from weightatlas.adapters import open_source
+    from weightatlas.adapters._jax_orbax import is_manager_root
 
     st = store if isinstance(store, Store) else Store(store, create=True)
+    if step is not None and os.path.isdir(path) and is_manager_root(os.fspath(path)):
+        options.setdefault("step", step)  # a folder of steps: read the one asked for
     source = open_source(path, **options)
+    recorded = source.metadata().get("step")
+    if step is None and tag is None and isinstance(recorded, int) and recorded >= 0:
+        step = recorded
     return st.write(
         source,
         model or default_model_name(path),
@@ -232,3 +247,131 @@ def report(
     from weightatlas import viz
 
     return viz.save_report(_snapshot(snapshot, store), out, **options)
+
+
+# ---- expanded weights (store + executor) ------------------------------------------------------
+
+
+def expand(
+    snapshot: Snapshot | str,
+    source: str,
+    target: str,
+    *,
+    store: Store | str | os.PathLike[str] | None = None,
+    channels: Sequence[int] | None = None,
+    input_shape: Sequence[int] | None = None,
+    size: int | Sequence[int] | None = None,
+) -> ExpandedWeights:
+    """Expanded weights between two layers of a stored model (Distill, "Visualizing
+    Weights"): how each channel of ``source`` acts on each channel of ``target`` through
+    every layer between them, with ReLUs passing their input and max pooling averaging.
+
+    The model is run by the executor from the snapshot's attached graph and its stored
+    tensors (:func:`weightatlas.core.executor.from_snapshot`); docs/executor.md, section
+    *Expanded weights*, describes the computation.
+
+    Args:
+        snapshot: A snapshot with a graph (ingested from ONNX, or from a PyTorch module
+            with example inputs), or its reference ``MODEL[@STEP]`` in ``store``.
+        source: The earlier layer: a module (``layer1.0.conv1``), a stored tensor
+            (``layer1.0.conv1.weight``) or a graph value name.
+        target: The later layer, named the same ways.
+        store: The store (default: ``$WEIGHTATLAS_STORE`` or ``./weightatlas_store``).
+        channels: Target channels (default: all).
+        input_shape: The input shape, when the graph's is not fixed.
+        size: Crop every expanded kernel to this size (default: its support).
+
+    Returns:
+        The expanded weights (``.array`` is ``[channels, source channels, *kernel]``).
+
+    Raises:
+        NotFoundError: No such snapshot or layer, or the snapshot has no graph.
+        InputMismatchError: ``source`` is not upstream of ``target``.
+
+    Example:
+        >>> import onnx
+        >>> from onnx import helper, numpy_helper
+        >>> w1 = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "conv1.weight")
+        >>> w2 = numpy_helper.from_array(np.ones((1, 2, 3, 3), np.float32), "conv2.weight")
+        >>> g = helper.make_graph(
+        ...     [helper.make_node("Conv", ["x", "conv1.weight"], ["h"], pads=[1, 1, 1, 1]),
+        ...      helper.make_node("Relu", ["h"], ["r"]),
+        ...      helper.make_node("Conv", ["r", "conv2.weight"], ["y"], pads=[1, 1, 1, 1])],
+        ...     "g", [helper.make_tensor_value_info("x", 1, [1, 1, 9, 9])],
+        ...     [helper.make_tensor_value_info("y", 1, [1, 1, 9, 9])], [w1, w2])
+        >>> onnx.save(helper.make_model(g), tmp / "two.onnx")
+        >>> _ = wa.ingest(tmp / "two.onnx", store=store, step=1)
+        >>> wa.expand("two@1", "conv1", "conv2", store=store).array.shape  # the weights
+        (1, 2, 3, 3)
+        >>> e = wa.expand("two@1", "x", "conv2", store=store)  # two 3x3 convolutions: 5x5
+        >>> e.array.shape, e.array[0, 0, 2].tolist()
+        ((1, 1, 5, 5), [6.0, 12.0, 18.0, 12.0, 6.0])
+    """
+    from weightatlas.core.executor import expanded_weights, from_snapshot
+
+    snap = _snapshot(snapshot, store)
+    try:
+        fn = from_snapshot(snap)
+        return expanded_weights(fn, source, target, channels=channels,
+                                input_shape=input_shape, size=size)
+    finally:
+        if snap is not snapshot:
+            snap.close()
+
+
+# ---- feature visualization (store + executor) -------------------------------------------------
+
+
+def feature_visualization(
+    snapshot: Snapshot | str,
+    layer: str,
+    channels: int | Sequence[int] | None,
+    *,
+    store: Store | str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> FeatureVisResult:
+    """Feature visualizations of channels of a stored model's layer: images optimized to
+    excite each channel (Lucid's method; docs/executor.md, section *Feature visualization*).
+
+    The model is run by the executor from the snapshot's attached graph and its stored
+    tensors (:func:`weightatlas.core.executor.from_snapshot`).
+
+    Args:
+        snapshot: A snapshot with a graph, or its reference ``MODEL[@STEP]`` in ``store``.
+        layer: A module (``features.3``), a stored tensor (``features.3.weight``: the
+            output of the layer that reads it) or a graph value name.
+        channels: The channels to visualize (None with ``directions=``).
+        store: The store (default: ``$WEIGHTATLAS_STORE`` or ``./weightatlas_store``).
+        **options: Passed to :func:`weightatlas.core.executor.feature_visualization`
+            (``objective``, ``directions``, ``steps``, ``size``, ``normalize``, ``seed``...).
+
+    Returns:
+        The images ``[n, c, h, w]`` in [0, 1] and the objective's history.
+
+    Raises:
+        NotFoundError: No such snapshot or layer, or the snapshot has no graph.
+
+    Example:
+        >>> import onnx
+        >>> from onnx import helper, numpy_helper
+        >>> k = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "conv.weight")
+        >>> g = helper.make_graph(
+        ...     [helper.make_node("Conv", ["x", "conv.weight"], ["y"])], "g",
+        ...     [helper.make_tensor_value_info("x", 1, [1, 1, 8, 8])],
+        ...     [helper.make_tensor_value_info("y", 1, [1, 2, 6, 6])], [k])
+        >>> onnx.save(helper.make_model(g), tmp / "conv.onnx")
+        >>> _ = wa.ingest(tmp / "conv.onnx", store=store, step=1)
+        >>> r = wa.feature_visualization("conv@1", "conv", [0, 1], store=store, steps=4)
+        >>> r.images.shape, r.value
+        ((2, 1, 8, 8), 'y')
+    """
+    from weightatlas.core.executor import feature_visualization as visualize
+    from weightatlas.core.executor import from_snapshot, layer_output
+
+    snap = _snapshot(snapshot, store)
+    try:
+        fn = from_snapshot(snap)
+        return visualize(fn, layer_output(fn, layer), channels, **options)
+    finally:
+        if snap is not snapshot:
+            snap.close()

@@ -41,6 +41,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text: rich markup would eat the brackets of "MODEL[@STEP|@TAG]" and
+    # "[default: ...]".
+    rich_markup_mode=None,
 )
 # markup=False: tensor names and paths are printed literally, brackets and all.
 # Piped output (files, CI logs) is not cut at 80 columns.
@@ -723,5 +726,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
 
 
+# Commands defined in their own modules register themselves on ``app`` when imported.
+from weightatlas import (  # noqa: E402
+    _cli_attribution,  # noqa: F401  (saliency, gradients)
+    _cli_expand,  # noqa: F401  (weightatlas expand)
+)
+
 if __name__ == "__main__":
-    main()
+    # ``python -m weightatlas.cli``: run the importable module's app, on which the command
+    # modules above registered (this file, run as __main__, holds a second app).
+    from weightatlas.cli import main as _importable_main
+
+    _importable_main()

@@ -33,15 +33,26 @@ def export_graph(module: Any, example_inputs: tuple[Any, ...], names: list[str])
             # The TorchScript exporter announces its deprecation on every call.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
+            # Tracing warns about Python control flow it froze (data-dependent
+            # branches in nn.TransformerEncoderLayer's fast path): not the user's error.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             sink: Any = buf
+            # keep_initializers_as_inputs=True turns off the exporter's pass that merges
+            # initializers with equal values (fresh biases, batch-norm scales of 1) into
+            # one, which would give several parameters one stored tensor and one gradient.
+            # The extra graph inputs it adds are removed below.
             torch.onnx.export(module, tuple(example_inputs), sink, dynamo=False,
-                              do_constant_folding=False)
+                              do_constant_folding=False, keep_initializers_as_inputs=True)
     except Exception as e:  # the exporter raises many types for unsupported modules
         raise UnsupportedError(f"{type(module).__name__}: cannot export the graph to ONNX: "
                                f"{type(e).__name__}: {str(e)[:300]}") from e
     finally:
         module.train(was_training)
     model = onnx.load_from_string(buf.getvalue())
+    initializers = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.input if v.name not in initializers]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
     wanted = set(names)
     for tensor in model.graph.initializer:
         if tensor.name in wanted:

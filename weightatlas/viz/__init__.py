@@ -22,8 +22,14 @@ from weightatlas.viz._analyses import ALPHA_BAND, alphas, esd
 # Comparing two snapshots
 from weightatlas.viz._compare import agreement, diff, scatter
 
+# Contextualized weights (feature visualizations around the weights)
+from weightatlas.viz._context import NORMALIZATIONS, contextualized
+
 # Views of weights
 from weightatlas.viz._dist import finite_moments, histogram, ridgeline
+
+# Expanded weights (through the layers between two layers)
+from weightatlas.viz._expanded import expanded
 
 # Export
 from weightatlas.viz._export import (
@@ -44,6 +50,9 @@ from weightatlas.viz._factors import factors_chart, nmf_rgb
 
 # Views of weights, comparisons and analyses (continued)
 from weightatlas.viz._heatmap import AGGREGATIONS, heatmap
+
+# Images and attributions
+from weightatlas.viz._images import images
 from weightatlas.viz._kernels import kernels, rank_inputs
 from weightatlas.viz._overview import OVERVIEW_COLUMNS, overview, overview_table
 from weightatlas.viz._pairs import ALIGNMENT_COLUMNS, align_by_name, compare
@@ -70,6 +79,9 @@ from weightatlas.viz._reduce import (
 # The report
 from weightatlas.viz._report import DEFAULT_REPORT_BYTES, report_html, save_report
 
+# Images and attributions (continued)
+from weightatlas.viz._saliency import saliency_overlay, saliency_strip
+
 # Conventions
 from weightatlas.viz._style import (
     DEFAULT_MAX_BYTES,
@@ -89,6 +101,7 @@ __all__ = [
     # Views of weights
     "AGGREGATIONS",
     "OVERVIEW_COLUMNS",
+    "expanded",
     "finite_moments",
     "heatmap",
     "histogram",
@@ -107,6 +120,12 @@ __all__ = [
     "projection_chart",
     "trajectory_chart",
     "trajectory_path",
+    # Images and attributions
+    "NORMALIZATIONS",
+    "contextualized",
+    "images",
+    "saliency_overlay",
+    "saliency_strip",
     # Comparing two snapshots
     "ALIGNMENT_COLUMNS",
     "agreement",

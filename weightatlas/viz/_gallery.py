@@ -58,6 +58,17 @@ Views (`VIEW` is the name `weightatlas plot` knows):
   `o`'s kernels across its inputs.
 - `kernels(snapshot, tensor, *, neurons=None, top=8)`: each chosen output neuron's strongest
   input kernels, ranked by L2 norm.
+- `expanded(weights, *, targets=None, sources=None, top=8)`: expanded weights
+  (`wa.expand`) or any `[out, in, *kernel]` array: each target channel's strongest source
+  channels through the layers between them, ranked by the L2 norm of the expanded kernel.
+- `contextualized(weights, input_images, output_images, *, inputs=None, outputs=None,
+  top=8, normalize="output")`: the article's contextualized weights: the weights (or
+  kernels) between input and output neurons in a grid, each neuron shown by its feature
+  visualization (`wa.feature_visualization`).
+- `saliency_overlay(image, attribution, *, alpha=0.8, signed=None, labels=None)` and
+  `saliency_strip(values, labels=None, *, rows=None, wrap=None)`: attributions
+  (`wa.attribute`) as a heat overlay on the input image, or as a coloured strip over a signal
+  or tokens; `images(images, labels=None)`: images pixel for pixel.
 - `histogram(snapshot, tensor, *, bins=60, range=None, log=False)`: one tensor's
   distribution, NaN and Inf counted.
 - `ridgeline(snapshot, *, names=None, bins=40)`: every weight tensor's distribution, in model
@@ -231,6 +242,54 @@ EXAMPLES: list[tuple[str, str, str]] = [
      "input kernels ranked by L2 norm, each drawn pixel for pixel on one shared zero-centred "
      "scale.",
      'chart = viz.kernels(a, "conv2.weight", neurons=[0, 1, 2, 3], top=6)'),
+    ("Expanded weights, through a layer",
+     "The Distill article's expanded weights: how each input channel acts on conv2's channels "
+     "through conv1, with the ReLU between them passing its input. For two stacked "
+     "convolutions that is the full convolution of their kernels (5×5 and 3×3 give 7×7), "
+     "computed here in NumPy; on a stored model `wa.expand(snapshot, source, target)` computes "
+     "it for any pair of layers with the executor. Columns are the strongest input channels by "
+     "the L2 norm of the expanded kernel.",
+     'w1, w2 = a.read("conv1.weight"), a.read("conv2.weight")  # [8, 3, 5, 5], [16, 8, 3, 3]\n'
+     "e = np.zeros((16, 3, 7, 7), np.float32)\n"
+     "for y in range(3):\n"
+     "    for x in range(3):\n"
+     '        e[:, :, y:y + 5, x:x + 5] += np.einsum("jb,bihw->jihw", w2[:, :, y, x], w1)\n'
+     'chart = viz.expanded(e, targets=[0, 1, 2, 3], top=3, source_layer="input",\n'
+     '                     target_layer="conv2")'),
+    ("Contextualized weights",
+     "As in the Distill article's figures 3 to 5: the weights between chosen input and output "
+     "neurons, each neuron shown by its feature visualization (stand-ins here: oriented "
+     "gratings; `wa.feature_visualization(snapshot, layer, channels)` computes real ones). "
+     "Each cell is one 3×3 kernel, divided by the largest |w| of its output neuron; the inputs "
+     "shown are the strongest by L2 norm.",
+     'w = a.read("conv2.weight")  # [16, 8, 3, 3]\n'
+     "ys, xs = np.mgrid[0:16, 0:16] / 15\n"
+     "def grating(k, n):\n"
+     "    t = np.pi * k / n\n"
+     "    g = 0.5 + 0.5 * np.sin(12 * (np.cos(t) * xs + np.sin(t) * ys))\n"
+     "    return np.stack([g, 0.8 * g, 1 - g])\n"
+     "fv_in = np.stack([grating(k, 8) for k in range(8)])\n"
+     "fv_out = np.stack([grating(k, 16) for k in range(16)])\n"
+     'chart = viz.contextualized(w, fv_in, fv_out, outputs=[0, 1, 2, 3], top=5,\n'
+     '                          name="conv1 → conv2")'),
+    ("Attribution over an image",
+     "An attribution (gradient × input, integrated gradients...) summed over the colour "
+     "channels and drawn over the image in gray, red positive and blue negative, more opaque "
+     "where it is larger; the input is drawn beside it. Large images are pooled in blocks "
+     "(block means of the image and of the attribution).",
+     "yy, xx = np.mgrid[0:48, 0:48] / 47\n"
+     "image = np.stack([xx, yy, 1 - xx * yy])  # [3, 48, 48] in [0, 1]\n"
+     "near = np.exp(-((yy - 0.3) ** 2 + (xx - 0.35) ** 2) / 0.03)\n"
+     "far = np.exp(-((yy - 0.7) ** 2 + (xx - 0.7) ** 2) / 0.02)\n"
+     "attribution = image * (near - 0.6 * far)\n"
+     'chart = viz.saliency_overlay(image, attribution, labels=["class 3"],\n'
+     '                            name="gradient × input")'),
+    ("Attribution over tokens",
+     "Attributions over a token sequence, one cell per token on the zero-centred scale, "
+     "wrapping like text; long signals without labels are pooled in block means.",
+     'tokens = ["the", "cat", "sat", "on", "the", "mat", "because", "it", "was", "warm", "."]\n'
+     "values = np.array([0.05, 0.9, 0.3, -0.1, 0.02, 0.6, -0.4, 0.1, -0.05, 0.7, 0.0])\n"
+     'chart = viz.saliency_strip(values, tokens, wrap=6, name="integrated gradients")'),
     ("Histogram, NaN and Inf counted",
      "The distribution of one tensor's finite values; the NaN, +Inf and −Inf counts are in "
      "the header (red when any is non-zero), never silently dropped.",

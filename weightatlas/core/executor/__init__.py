@@ -13,8 +13,17 @@ from __future__ import annotations
 # The executor
 from weightatlas.core.executor._backend import onnx_backend
 from weightatlas.core.executor._errors import InputMismatchError, UnsupportedOperatorError
+from weightatlas.core.executor._expanded import ExpandedWeights, expanded_weights, layer_value
+from weightatlas.core.executor._featurevis import FeatureVisResult, feature_visualization
 from weightatlas.core.executor._function import OnnxFunction, from_onnx
+from weightatlas.core.executor._gradsnap import (
+    GRADIENT_SUFFIX,
+    stored_gradients,
+    weight_gradient_snapshot,
+)
 from weightatlas.core.executor._graph import ValueSpec
+from weightatlas.core.executor._interpolate import INTERPOLATION_MODES, interpolate
+from weightatlas.core.executor._linearize import linearized
 from weightatlas.core.executor._occlusion import occlusion
 from weightatlas.core.executor._registry import supported_operators
 from weightatlas.core.executor._saliency import (
@@ -28,6 +37,7 @@ from weightatlas.core.executor._saliency import (
     smoothgrad_noise,
     weight_gradients,
 )
+from weightatlas.core.executor._stored import StoredFunction, from_snapshot, layer_output
 
 __all__ = [
     # The executor
@@ -36,6 +46,17 @@ __all__ = [
     "from_onnx",
     "onnx_backend",
     "supported_operators",
+    # Stored models (a snapshot's attached graph with its tensors as weights)
+    "StoredFunction",
+    "from_snapshot",
+    "layer_output",
+    # Weight gradients of stored models, stored as snapshots
+    "GRADIENT_SUFFIX",
+    "stored_gradients",
+    "weight_gradient_snapshot",
+    # Attribution maps resized to the input (Grad-CAM upsampling)
+    "INTERPOLATION_MODES",
+    "interpolate",
     # Attributions (gradients through the executor; occlusion on onnxruntime)
     "grad_cam",
     "gradient",
@@ -47,6 +68,14 @@ __all__ = [
     "smoothgrad",
     "smoothgrad_noise",
     "weight_gradients",
+    # Expanded weights (Distill, "Visualizing Weights"): the linearized network's Jacobian
+    "ExpandedWeights",
+    "expanded_weights",
+    "layer_value",
+    "linearized",
+    # Feature visualization
+    "FeatureVisResult",
+    "feature_visualization",
     # Errors
     "InputMismatchError",
     "UnsupportedOperatorError",

@@ -1,9 +1,10 @@
 """Convolutions: ``Conv`` and ``ConvTranspose`` in 1, 2 or 3 spatial dimensions.
 
-Both lower to one ``lax.conv_general_dilated`` in ONNX's channels-first layout, so JAX
-differentiates them natively. ``ConvTranspose`` is the fractionally strided
-convolution: input dilated by the strides, kernel flipped and its channel axes swapped
-per group, padding ``dilation * (k - 1) - pad`` on each side.
+Both lower to ``lax.conv_general_dilated`` in ONNX's channels-first layout, so JAX
+differentiates them natively; ``Conv`` goes through :func:`._conv_impl.conv`, which
+gives strided convolutions over few channels a faster input gradient. ``ConvTranspose``
+is the fractionally strided convolution: input dilated by the strides, kernel flipped
+and its channel axes swapped per group, padding ``dilation * (k - 1) - pad`` on each side.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ._conv_impl import conv
 from ._graph import Node
 from ._registry import Call, Tensor, op
 
@@ -60,7 +62,6 @@ def _numbers(n: int) -> Any:
 
 @op("Conv", check=_check_auto_pad)
 def _conv(c: Call, x: Tensor, w: Tensor, bias: Tensor = None) -> Tensor:
-    import jax
     import jax.numpy as jnp
 
     x = jnp.asarray(x)
@@ -77,9 +78,7 @@ def _conv(c: Call, x: Tensor, w: Tensor, bias: Tensor = None) -> Tensor:
         raise c.shape_error(f"input has {x.shape[1]} channels, kernel {list(w.shape)} with "
                             f"group={group} expects {w.shape[1] * group}")
     pads = conv_pads(c, x.shape[2:], kernel, strides, dilations)
-    y = jax.lax.conv_general_dilated(
-        x, w.astype(x.dtype), window_strides=strides, padding=pads, rhs_dilation=dilations,
-        dimension_numbers=_numbers(n), feature_group_count=group)
+    y = conv(x, w.astype(x.dtype), strides, pads, dilations, group)
     if bias is not None:
         y = y + jnp.reshape(jnp.asarray(bias), (-1,) + (1,) * n).astype(y.dtype)
     return y

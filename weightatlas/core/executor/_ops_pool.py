@@ -1,11 +1,13 @@
 """Pooling: ``MaxPool`` (with indices), ``AveragePool``, ``LpPool`` and the global pools.
 
 Windows are ``lax.reduce_window`` calls over the channels-first tensor, so gradients
-flow through them (``MaxPool``'s is JAX's select-and-scatter). ``ceil_mode`` adds the
-padding that lets the last partial window exist, except a window that would start in
-the right padding, which ONNX (like PyTorch) drops. ``AveragePool`` divides by the
-number of input elements in a window, or by the window with its explicit padding when
-``count_include_pad=1``; the ``ceil_mode`` overhang is never counted.
+flow through them; ``MaxPool``'s maximum is :func:`._conv_impl.max_pool` (for small
+windows a reduction over strided slices, whose gradient XLA runs faster than
+select-and-scatter). ``ceil_mode`` adds the padding that lets the last partial window
+exist, except a window that would start in the right padding, which ONNX (like
+PyTorch) drops. ``AveragePool`` divides by the number of input elements in a window, or
+by the window with its explicit padding when ``count_include_pad=1``; the ``ceil_mode``
+overhang is never counted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._conv_impl import max_pool
 from ._ops_conv import _check_auto_pad, conv_pads
 from ._registry import Call, Tensor, op
 
@@ -30,6 +33,12 @@ class _Window:
     dilations: list[int]
     pads: list[tuple[int, int]]  # explicit (begin, end) padding per spatial axis
     extra: list[int]  # ceil_mode overhang added after the end padding
+
+    def max(self, x: Tensor) -> Tensor:
+        """The maximum over each window (the gradient goes to the first maximal element)."""
+        return max_pool(x, self.kernel, self.strides, self.dilations,
+                        [(lo, hi + e) for (lo, hi), e in zip(self.pads, self.extra,
+                                                             strict=True)])
 
     def reduce(self, x: Tensor, init: float, fn: Callable[..., Tensor]) -> Tensor:
         import jax
@@ -81,7 +90,7 @@ def _max_pool(c: Call, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
 
     x = jnp.asarray(x)
     win = _window(c, x)
-    y = win.reduce(x, _lowest(x.dtype), jax.lax.max)
+    y = win.max(x)
     if len(c.node.outputs) < 2 or not c.node.outputs[1]:
         return y
     # Indices: flat positions in the input (row-major, or column-major over the spatial

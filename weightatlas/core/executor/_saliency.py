@@ -69,10 +69,16 @@ class _Setup:
                             if p not in self.static)
         cache = _COMPILED.setdefault(fn, {})
         self.weights = fn.device_weights() if weights is None else dict(weights)
+        # The model's own weights are constants of the compiled program (XLA lays out
+        # and flips convolution kernels once, at compile time, instead of at each
+        # call); given weights are arguments.
+        self.held = (tuple((k, id(v)) for k, v in self.weights.items())
+                     if weights is None else None)
         signature = (kind, settings, output, input_index, self.x.shape, str(self.x.dtype),
                      tuple((o.shape, str(o.dtype)) for o in others),
                      tuple((p, o.tobytes()) for p, o in self.static.items()),
-                     tuple(sorted((k, np.shape(v)) for k, v in self.weights.items())))
+                     tuple(sorted((k, np.shape(v)) for k, v in self.weights.items())),
+                     weights is None)
         if signature not in cache:
             shapes = jax.eval_shape(lambda: fn.apply(self.weights,
                                                      *self.full(self.x, self.others)))
@@ -80,7 +86,7 @@ class _Setup:
                 found = [list(s.shape) for s in shapes]
                 raise ShapeError(f"{fn.where}: target selects a class of a 2-d [batch, "
                                  f"classes] output; output #{output} of {found} is not one")
-            cache[signature] = [None, shapes[output].shape]
+            cache[signature] = [None, shapes[output].shape, None]
         self.entry = cache[signature]
         batch, classes = self.entry[1]
         self.targets = _targets(fn.where, target, batch, classes)
@@ -107,8 +113,14 @@ class _Setup:
         """The jitted attribution for this signature, built on first use."""
         import jax
 
-        if self.entry[0] is None:
-            self.entry[0] = jax.jit(build())
+        if self.entry[0] is None or self.entry[2] != self.held:
+            built = build()
+            if self.held is None:
+                self.entry[0] = jax.jit(built)
+            else:  # a program per identity of the weights, replaced when they change
+                held = self.weights
+                self.entry[0] = jax.jit(lambda _, *args: built(held, *args))
+            self.entry[2] = self.held
         return self.entry[0]
 
 
