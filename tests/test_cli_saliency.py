@@ -259,3 +259,32 @@ def test_snapshot_written_by_the_api_is_the_snapshots_own_store(setup: dict[str,
     setup["mlp"].zero_grad()
     setup["mlp"](setup["v"])[:, 2].sum().backward()
     assert rel(grads.read("0.weight"), setup["mlp"][0].weight.grad.numpy()) < 1e-5
+
+
+def test_strip_chart_of_a_channels_first_signal(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A Conv1d model's input is [n, channels, time]: the strip runs over time, the
+    attribution summed over the channels (not over time, which would leave one cell)."""
+    net = nn.Sequential(nn.Conv1d(1, 4, 5, padding=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 40, 3)).eval()
+    sig = torch.randn(2, 1, 40, generator=torch.Generator().manual_seed(4))
+    store = str(tmp_path / "store")
+    wa.ingest(om.export(net, (sig,), str(tmp_path / "c1d.onnx"), "ts"), store=store,
+              model="c1d")
+    np.save(tmp_path / "s.npy", sig.numpy())
+    chart = tmp_path / "strip.vl.json"
+    code, _, err = run(capsys, "--store", store, "saliency", "c1d", "-i",
+                       str(tmp_path / "s.npy"), "--method", "gradient", "--target", "1",
+                       "-o", str(chart), "-o", str(tmp_path / "g.npy"))
+    assert code == 0, err
+    found = np.load(tmp_path / "g.npy")
+    want = captum_attr.Saliency(net).attribute(sig.clone().requires_grad_(), target=1,
+                                               abs=False).detach().numpy()
+    assert found.shape == (2, 1, 40) and rel(found, want) < 1e-5
+    spec = json.loads(chart.read_text())
+    cells = next(d[0] for d in (json.loads(v) for v in spec["datasets"].values())
+                 if "v" in d[0])  # columns: row, position, value...
+    assert len(cells["v"]) == 2 * 40
+    strip = np.zeros((2, 40))
+    strip[np.asarray(cells["row"]), np.asarray(cells["p0"], int)] = cells["v"]
+    np.testing.assert_allclose(strip, found.sum(axis=1), rtol=1e-5, atol=1e-7)

@@ -207,7 +207,11 @@ def test_neuron_optimum_of_one_convolution_is_the_filter_sign():
                               scales=(1,), rotate=())
     assert isinstance(r, FeatureVisResult) and r.images.shape == (4, 3, 12, 12)
     assert r.images.dtype == np.float32 and r.images.min() >= 0 and r.images.max() <= 1
-    c = 8 // 2  # centre of the 8x8 output; it sees input rows and columns 4..8
+    c = (8 - 1) // 2  # centre of the 8x8 output; it sees input rows and columns 3..7
+    # the position expanded weights differentiate, so the two can stand side by side
+    from weightatlas.core.executor import expanded_weights
+    assert expanded_weights(fn, fn.input_names[0], value, input_shape=(1, 3, 12, 12)
+                            ).centre == (c, c)
     for i in range(4):
         patch = r.images[i][:, c : c + 5, c : c + 5]
         assert np.mean((patch > 0.5) == (w[i] > 0)) > 0.95
@@ -233,7 +237,7 @@ def test_direction_neuron_optimum_is_the_sign_of_the_combined_filter():
     assert r.channels == (0, 1)
     for i in range(2):
         combined = np.tensordot(v[i], w, axes=(0, 0))
-        patch = r.images[i][:, 4:9, 4:9]
+        patch = r.images[i][:, 3:8, 3:8]  # the 5x5 patch the centre (3, 3) sees
         assert np.mean((patch > 0.5) == (combined > 0)) > 0.95
         optimum = float(np.maximum(combined, 0).sum()) + 0.1 * float(v[i].sum())
         assert r.final[i] == pytest.approx(optimum, rel=0.05)
@@ -291,7 +295,7 @@ def test_normalization_is_applied_after_the_parametrization():
               scales=(1,), rotate=())
     r = feature_visualization(fn, value, [0], normalize=([0.5, 0.4, 0.3], 0.25), **kw)
     x = (r.images[0] - np.array([0.5, 0.4, 0.3])[:, None, None]) / 0.25
-    centre = float((x[:, 4:9, 4:9] * w[0]).sum()) + 0.1
+    centre = float((x[:, 3:8, 3:8] * w[0]).sum()) + 0.1  # the centre (3, 3) of 8x8
     assert r.final[0] == pytest.approx(centre, rel=1e-4)
 
 

@@ -33,7 +33,7 @@ from weightatlas._api import (
     read_alignment,
     report,
 )
-from weightatlas._attribution import Attribution, attribute, weight_gradients
+from weightatlas._attribution import Attribution, attribute, stored_function, weight_gradients
 from weightatlas._track import Tracker, track
 from weightatlas._version import __version__
 from weightatlas.core import compare
@@ -63,6 +63,7 @@ __all__ = [
     # Attributions and weight gradients of a stored model (through the executor)
     "Attribution",
     "attribute",
+    "stored_function",
     "weight_gradients",
     # Expanded weights of a stored model (through the executor)
     "expand",

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from weightatlas.errors import FormatError, StoreError
+from weightatlas.errors import FormatError, InputMismatchError, StoreError
 from weightatlas.storage import DEFAULT_CHUNK_BYTES, Snapshot, Store
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from weightatlas.core.executor import ExpandedWeights, FeatureVisResult
+    from weightatlas.core.executor import ExpandedWeights, FeatureVisResult, StoredFunction
 
 __all__ = ["default_model_name", "expand", "feature_visualization", "ingest", "open_store",
            "plot", "read_alignment", "report"]
@@ -253,7 +253,7 @@ def report(
 
 
 def expand(
-    snapshot: Snapshot | str,
+    snapshot: Snapshot | str | StoredFunction,
     source: str,
     target: str,
     *,
@@ -272,7 +272,8 @@ def expand(
 
     Args:
         snapshot: A snapshot with a graph (ingested from ONNX, or from a PyTorch module
-            with example inputs), or its reference ``MODEL[@STEP]`` in ``store``.
+            with example inputs), its reference ``MODEL[@STEP]`` in ``store``, or a
+            function from :func:`weightatlas.stored_function` (kept compiled between calls).
         source: The earlier layer: a module (``layer1.0.conv1``), a stored tensor
             (``layer1.0.conv1.weight``) or a graph value name.
         target: The later layer, named the same ways.
@@ -307,23 +308,19 @@ def expand(
         >>> e.array.shape, e.array[0, 0, 2].tolist()
         ((1, 1, 5, 5), [6.0, 12.0, 18.0, 12.0, 6.0])
     """
-    from weightatlas.core.executor import expanded_weights, from_snapshot
+    from weightatlas._attribution import stored_function
+    from weightatlas.core.executor import expanded_weights
 
-    snap = _snapshot(snapshot, store)
-    try:
-        fn = from_snapshot(snap)
-        return expanded_weights(fn, source, target, channels=channels,
-                                input_shape=input_shape, size=size)
-    finally:
-        if snap is not snapshot:
-            snap.close()
+    fn = stored_function(snapshot, store)  # reused: repeated calls compile once
+    return expanded_weights(fn, source, target, channels=channels, input_shape=input_shape,
+                            size=size)
 
 
 # ---- feature visualization (store + executor) -------------------------------------------------
 
 
 def feature_visualization(
-    snapshot: Snapshot | str,
+    snapshot: Snapshot | str | StoredFunction,
     layer: str,
     channels: int | Sequence[int] | None,
     *,
@@ -337,7 +334,8 @@ def feature_visualization(
     tensors (:func:`weightatlas.core.executor.from_snapshot`).
 
     Args:
-        snapshot: A snapshot with a graph, or its reference ``MODEL[@STEP]`` in ``store``.
+        snapshot: A snapshot with a graph, its reference ``MODEL[@STEP]`` in ``store``, or a
+            function from :func:`weightatlas.stored_function`.
         layer: A module (``features.3``), a stored tensor (``features.3.weight``: the
             output of the layer that reads it) or a graph value name.
         channels: The channels to visualize (None with ``directions=``).
@@ -365,13 +363,17 @@ def feature_visualization(
         >>> r.images.shape, r.value
         ((2, 1, 8, 8), 'y')
     """
-    from weightatlas.core.executor import feature_visualization as visualize
-    from weightatlas.core.executor import from_snapshot, layer_output
+    import inspect
 
-    snap = _snapshot(snapshot, store)
-    try:
-        fn = from_snapshot(snap)
-        return visualize(fn, layer_output(fn, layer), channels, **options)
-    finally:
-        if snap is not snapshot:
-            snap.close()
+    from weightatlas._attribution import stored_function
+    from weightatlas.core.executor import feature_visualization as visualize
+    from weightatlas.core.executor import layer_output
+
+    allowed = [p for p in inspect.signature(visualize).parameters
+               if p not in ("fn", "value", "channels")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise InputMismatchError(f"feature_visualization: unknown options {unknown}; "
+                                 f"options: {', '.join(allowed)}")
+    fn = stored_function(snapshot, store)  # reused: repeated calls compile once
+    return visualize(fn, layer_output(fn, layer), channels, **options)

@@ -193,6 +193,10 @@ def attribute(snapshot: Snapshot | str | StoredFunction, inputs: Any, target: An
                              **common)
         if options.get("upsample"):
             values = ex.interpolate(values, x.shape[2:], options.get("mode", "bilinear"))
+        elif options.get("mode") is not None:
+            raise InputMismatchError(f"{fn.snapshot_ref}: grad_cam mode="
+                                     f"{options['mode']!r} resizes the map; it needs "
+                                     "upsample=True")
     else:
         values = calls[name]()
     return Attribution(np.asarray(values), name, fn.snapshot_ref, _jsonable(target),

@@ -116,7 +116,10 @@ def _chart(result: Attribution, x: np.ndarray, output: str) -> Any:
     if x.ndim == 4 and values.shape[0] == x.shape[0] and values.shape[2:] == x.shape[2:]:
         return viz.saliency_overlay(x, values, name=name)
     if values.ndim in (2, 3):
-        rows = values if values.ndim == 2 else values.sum(axis=2)
+        # [n, t, d] (token embeddings) sum over the features; [n, c, t] with a few
+        # channels (a Conv1d signal, as images have 1-4) over the channels.
+        axis = 1 if values.ndim == 3 and values.shape[1] <= 4 < values.shape[2] else 2
+        rows = values if values.ndim == 2 else values.sum(axis=axis)
         return viz.saliency_strip(rows, rows=[f"example {i}" for i in range(len(rows))],
                                   name=name)
     raise ShapeError(f"{output}: no chart for an attribution of shape {list(values.shape)} "

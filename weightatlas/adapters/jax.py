@@ -22,8 +22,9 @@ import json
 import mmap
 import os
 import stat
+import sys
 import threading
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,10 @@ class JaxSource:
 
     def __init__(self, label: str, leaves: list[Leaf], plans: list[LeafPlan],
                  facts: dict[str, Any], root: str | None = None,
-                 files: list[tuple[str, int, int, int, int]] | None = None) -> None:
+                 files: list[tuple[str, int, int, int, int]] | None = None,
+                 graph: bytes | None = None) -> None:
         self.label = label
+        self._graph = graph
         self._leaves = leaves
         self._plans = plans
         self._facts = facts
@@ -131,8 +134,8 @@ class JaxSource:
         return sum(int(_as_numpy(leaf.value).nbytes) for leaf in self._leaves)
 
     def attachments(self) -> Mapping[str, bytes]:
-        """No graph is attached for JAX sources."""
-        return {}
+        """``graph.onnx`` for a tree given with its ``apply`` function, else nothing."""
+        return {"graph.onnx": self._graph} if self._graph is not None else {}
 
 
 def _source(label: str, tree: Any, facts: dict[str, Any], root: str | None = None,
@@ -157,8 +160,9 @@ def _source(label: str, tree: Any, facts: dict[str, Any], root: str | None = Non
     return JaxSource(label, leaves, plans, facts, root, files)
 
 
-def from_pytree(tree: Any, *, label: str | None = None,
-                transposed: Collection[str] = ()) -> JaxSource:
+def from_pytree(tree: Any, *, label: str | None = None, transposed: Collection[str] = (),
+                apply: Callable[..., Any] | None = None,
+                example_inputs: Sequence[Any] | None = None) -> JaxSource:
     """Parameters in memory: a Flax Linen dict, an NNX or Equinox module, any pytree.
 
     Args:
@@ -168,6 +172,17 @@ def from_pytree(tree: Any, *, label: str | None = None,
         transposed: Module names (``decoder.ConvTranspose_0``) of Linen
             ``ConvTranspose`` layers built with ``transpose_kernel=True``, for kernels
             whose shapes cannot tell (no bias, or as many inputs as outputs).
+        apply: The model's function, ``apply(tree, *example_inputs) -> outputs`` (a Linen
+            ``model.apply``; ``lambda m, x: jax.vmap(m)(x)`` for an Equinox module). With
+            ``example_inputs``, it is traced and converted to ONNX (:mod:`._jax_graph`),
+            attached as ``graph.onnx`` with each stored tensor's values left out, so
+            :func:`~weightatlas.core.executor.from_snapshot` can run the stored model.
+        example_inputs: The inputs of one call of ``apply`` (their shapes are the graph's).
+
+    Raises:
+        UnsupportedError: ``apply`` without ``example_inputs`` (or the other way round),
+            an NNX module with ``apply``, a primitive the converter does not cover, or an
+            ``apply`` that fails on the example inputs.
 
     Example:
         >>> import jax, flax.linen as nn
@@ -175,8 +190,23 @@ def from_pytree(tree: Any, *, label: str | None = None,
         >>> [(r.name, r.shape, r.source_layout) for r in from_pytree(params).records()]
         [('kernel', (3, 4), ('in', 'out')), ('bias', (3,), ('out',))]
     """
-    return _source(label or type(tree).__name__, tree, {"format": "pytree"},
-                   transposed=transposed)
+    label = label or type(tree).__name__
+    source = _source(label, tree, {"format": "pytree"}, transposed=transposed)
+    if apply is None and example_inputs is None:
+        return source
+    if apply is None or example_inputs is None:
+        missing = "example_inputs" if apply is not None else "apply"
+        raise UnsupportedError(f"{label}: exporting the graph needs both apply and "
+                               f"example_inputs; {missing} is missing")
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(tree, nnx.Module):
+        raise UnsupportedError(f"{label}: exporting the graph of an NNX module is not "
+                               "supported; its weights can be stored without apply")
+    from weightatlas.adapters._jax_graph import export_graph
+
+    stored = {p.source_name for p in source._plans}
+    source._graph = export_graph(apply, tree, tuple(example_inputs), stored, label)
+    return source
 
 
 def _weights(tree: Any) -> tuple[Any, dict[str, Any]]:

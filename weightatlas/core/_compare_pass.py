@@ -146,7 +146,8 @@ def measure(a: Snapshot, b: Snapshot, found: Alignment, m: Match, block: int
     are byte-identical to their part become method ``hash``.
     """
     ta, tb = found.tensors_a[m.a], found.tensors_b[m.b]
-    if m.a_rows is None and m.b_rows is None and ta.content == tb.content:
+    if (m.a_rows is None and m.b_rows is None and m.transform.perm is None
+            and ta.content == tb.content):
         # Equal dtype and XXH3-128 of every chunk: equal bytes, nothing to read.
         return m, PairStats(0.0, 0.0, 1.0 if ta.l2 else None, "identical", 0)
     t = m.transform

@@ -47,7 +47,8 @@ def _chunk_bytes(rec: TensorRecord, start: int, count: int, buf: np.ndarray | No
     dtype = little_endian(a.dtype)
     n = a.size * dtype.itemsize
     if buf is None or buf.nbytes < n:
-        buf = None  # the old buffer is freed before the new one is taken
+        # (the caller still holds the old buffer until this returns: while growing, both
+        # exist for a moment; buffers are at most one chunk)
         buf = np.empty(n, np.uint8)
     out = buf[:n].view(dtype).reshape(a.shape)
     if a.dtype == dtype:

@@ -91,6 +91,10 @@ class ExpandedWeights:
         input)."""
         return not self.nonaffine
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """``np.asarray(result)``: the expanded weights ``[n_target, n_source, *kernel]``."""
+        return self.array if dtype is None else self.array.astype(dtype)
+
     @property
     def kernel(self) -> tuple[int, ...]:
         """The spatial size of each expanded kernel (``()`` for dense layers)."""

@@ -11,7 +11,6 @@ sigmoid, and randomly translated, scaled and rotated at each step (``_fv_transfo
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from ._fv_param import (
     to_rgb,
 )
 from ._fv_transforms import Transforms
+from ._saliency import compiled_cache
 
 __all__ = ["OBJECTIVES", "PARAMETRIZATIONS", "FeatureVisResult", "feature_visualization"]
 
@@ -41,8 +41,6 @@ OBJECTIVES = ("channel", "neuron")
 #: How the image is parametrized.
 PARAMETRIZATIONS = ("fourier", "pixel")
 
-_COMPILED: weakref.WeakKeyDictionary[OnnxFunction, dict[Any, Any]] = (
-    weakref.WeakKeyDictionary())
 
 
 @dataclass(frozen=True)
@@ -66,6 +64,10 @@ class FeatureVisResult:
     channels: tuple[int, ...]
     value: str
     kind: str
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """``np.asarray(result)``: the images."""
+        return self.images if dtype is None else self.images.astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,13 @@ def _plan(fn: OnnxFunction, value: str, channels: list[int], objective: str,
                                      f"{list(directions.shape)}")
         if not np.isfinite(directions).all():
             raise InputMismatchError(f"{where}: directions hold NaN or Inf values")
-        return _Plan(n_channels, h, w, per_image, tuple(d // 2 for d in shape[2:]))
+        return _Plan(n_channels, h, w, per_image, tuple((d - 1) // 2 for d in shape[2:]))
     bad = [c for c in channels if not 0 <= c < shape[1]]
     if bad or not channels:
         raise InputMismatchError(f"{where}: value {value!r} has {shape[1]} channels (shape "
                                  f"{list(shape)}); channels {bad or channels} are not in "
                                  f"0..{shape[1] - 1}")
-    center = tuple(d // 2 for d in shape[2:])
+    center = tuple((d - 1) // 2 for d in shape[2:])
     return _Plan(n_channels, h, w, per_image, center)
 
 
@@ -188,7 +190,9 @@ def feature_visualization(
             the output of the layer that reads a weight).
         channels: The channels of ``value`` to visualize (None with ``directions``).
         objective: ``"channel"``: the channel's mean over positions; ``"neuron"``: its
-            value at the centre position ``(h // 2, w // 2)`` of a 4-d activation.
+            value at the centre position ``((h - 1) // 2, (w - 1) // 2)`` of a 4-d activation
+            (the position :func:`expanded_weights` differentiates; Lucid uses ``h // 2``,
+            the same for odd sizes).
         directions: Instead of channels, ``[n, channels]`` directions in the channel space
             of ``value``: image ``i`` maximizes the dot product of the activation with
             ``directions[i]``, averaged over positions (``"channel"``: Lucid's
@@ -247,13 +251,20 @@ def feature_visualization(
     dirs = None if directions is None else np.asarray(directions, np.float32)
     if channels is None:
         chans = list(range(len(dirs) if dirs is not None and dirs.ndim else 0))
+    elif isinstance(channels, str | bytes) or not (
+            isinstance(channels, int | np.integer)
+            or all(isinstance(c, int | np.integer) for c in channels)):
+        raise UnsupportedError(f"{fn.where}: channels={channels!r}; expected a channel "
+                               "index or a sequence of them")
     else:
         chans = [int(channels)] if isinstance(channels, int | np.integer) else [
             int(c) for c in channels]
     if parametrization not in PARAMETRIZATIONS:
         raise UnsupportedError(f"{fn.where}: parametrization={parametrization!r}; expected "
                                f"one of {', '.join(PARAMETRIZATIONS)}")
-    if steps < 1 or not lr > 0 or jitter < 0 or sd < 0 or any(s <= 0 for s in scales):
+    whole = isinstance(steps, int | np.integer)
+    if not whole or steps < 1 or not lr > 0 or jitter < 0 or sd < 0 or any(
+            s <= 0 for s in scales):
         raise UnsupportedError(f"{fn.where}: steps={steps}, lr={lr}, jitter={jitter}, sd={sd}"
                                f", scales={tuple(scales)}; expected steps >= 1, lr > 0, "
                                "jitter >= 0, sd >= 0 and positive scales")
@@ -271,7 +282,7 @@ def feature_visualization(
     settings = (value, objective, dirs is not None, plan, parametrization, decorrelate,
                 float(decay_power), float(lr), tf, mean.tobytes(), std.tobytes(), chunk,
                 tuple(sorted((k, np.shape(v)) for k, v in w_.items())))
-    cache = _COMPILED.setdefault(fn, {})
+    cache = compiled_cache(fn, "_feature_vis_programs")
     if settings not in cache:
         cache[settings] = _compile(fn, value, objective, dirs is not None, plan,
                                    parametrization, decorrelate, decay_power, float(lr), tf,

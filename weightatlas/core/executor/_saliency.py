@@ -17,7 +17,6 @@ scalar ``outputs[output][n, target[n]]`` whose gradient is taken (one int for al
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,9 +33,17 @@ __all__ = ["grad_cam", "gradient", "gradient_x_input", "ig_steps", "integrated_g
 _METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right",
             "riemann_middle")
 
-# Compiled attributions per model; entries die with the model.
-_COMPILED: weakref.WeakKeyDictionary[OnnxFunction, dict[Any, Any]] = (
-    weakref.WeakKeyDictionary())
+
+
+def compiled_cache(fn: OnnxFunction, key: str) -> dict[Any, Any]:
+    """The compiled programs of one kind kept for ``fn``, on ``fn`` itself.
+
+    The programs close over ``fn`` (its ``apply``), so a cache keyed by ``fn`` outside it
+    would keep every model alive; stored on the function, the two form a cycle that the
+    garbage collector frees with the model.
+    """
+    cache: dict[Any, Any] = fn.__dict__.setdefault(key, {})
+    return cache
 
 
 class _Setup:
@@ -67,7 +74,7 @@ class _Setup:
                        if fn.inputs[p].name in fn.static_inputs}
         self.others = tuple(o for p, o in zip(positions, others, strict=True)
                             if p not in self.static)
-        cache = _COMPILED.setdefault(fn, {})
+        cache = compiled_cache(fn, "_attribution_programs")
         self.weights = fn.device_weights() if weights is None else dict(weights)
         # The model's own weights are constants of the compiled program (XLA lays out
         # and flips convolution kernels once, at compile time, instead of at each
@@ -211,7 +218,8 @@ def ig_steps(steps: int, method: str = "gausslegendre") -> tuple[np.ndarray, np.
     """
     if method not in _METHODS:
         raise InputMismatchError(f"integration method {method!r} is not one of {_METHODS}")
-    if steps < (1 if method == "gausslegendre" else 2):
+    if not isinstance(steps, int | np.integer) or steps < (1 if method == "gausslegendre"
+                                                             else 2):
         raise InputMismatchError(f"{method} needs at least "
                                  f"{1 if method == 'gausslegendre' else 2} steps, got {steps}")
     if method == "gausslegendre":
@@ -298,6 +306,9 @@ def smoothgrad(fn: OnnxFunction, inputs: Any, target: Any, *, samples: int = 25,
     import jax
     import jax.numpy as jnp
 
+    if not isinstance(samples, int | np.integer) or samples < 1:
+        raise InputMismatchError(f"{fn.where}: smoothgrad samples={samples!r}; expected a "
+                                 "whole number >= 1")
     x = np.asarray(inputs)
     chunk = _chunk(internal_batch_size, x.shape[0], samples)
     s = _Setup(fn, x, target, output, others, input_index, weights, "smoothgrad",

@@ -149,9 +149,10 @@ def layer_output(fn: StoredFunction, layer: str) -> str:
     """The activation of a stored layer: the output of the node that computes with it.
 
     ``layer`` is a stored tensor (``layer1.0.conv2.weight``), a module (``layer1.0.conv2``:
-    its ``weight``, else its first tensor) or already a value of the graph. Operators that
-    only prepare the weight (``Transpose``, ``Concat`` of q/k/v, ``DequantizeLinear``...)
-    are followed to the first node that also reads the graph inputs.
+    its ``weight`` or Flax ``kernel``, else its first tensor) or already a value of the
+    graph. Operators that only prepare the weight (``Transpose``, ``Concat`` of q/k/v,
+    ``DequantizeLinear``...) are followed to the first node that also reads the graph
+    inputs.
 
     Raises:
         NotFoundError: No such tensor, module or value; the message lists close names.
@@ -176,7 +177,8 @@ def layer_output(fn: StoredFunction, layer: str) -> str:
     else:
         members = [n for n in fn.weight_of if n.rpartition(".")[0] == layer]
         if members:
-            tensor = next((n for n in members if n.rpartition(".")[2] == "weight"), members[0])
+            tensor = next((n for n in members if n.rpartition(".")[2] in ("weight", "kernel")),
+                          members[0])
     if tensor is not None:
         return _consumer(fn, fn.weight_of[tensor], tensor)
     if layer in set(fn.value_names()) - set(fn.weights) - set(fn.constants):

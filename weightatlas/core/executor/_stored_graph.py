@@ -55,9 +55,10 @@ def read_graph(snapshot: Snapshot) -> tuple[onnx.ModelProto, str, dict[str, Any]
         raise NotFoundError(
             f"{snapshot.path}: snapshot {snapshot.ref} has no graph ({GRAPH_ATTACHMENT}): "
             f"only its weights were stored ({framework} source), so it cannot be run; ingest "
-            "the model from an ONNX file (wa.ingest('model.onnx')), or a live PyTorch module "
+            "the model from an ONNX file (wa.ingest('model.onnx')), a live PyTorch module "
             "with example inputs (wa.adapters.torch.from_module(module, "
-            "example_inputs=(x,)))")
+            "example_inputs=(x,))), or JAX parameters with their function "
+            "(wa.adapters.jax.from_pytree(params, apply=model.apply, example_inputs=(x,)))")
     model = onnx.ModelProto()
     try:
         model.ParseFromString(snapshot.attachment(GRAPH_ATTACHMENT))
