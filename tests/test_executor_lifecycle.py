@@ -94,3 +94,35 @@ def test_option_mistakes_are_refused_before_computing(stored) -> None:
                      store=store)
     with pytest.raises(WeightAtlasError, match="steps"):
         wa.attribute(ref, X, [0, 1], method="ig", steps=0.5, store=store)
+
+
+def test_contextualized_weights_of_a_stored_model(tmp_path: Path) -> None:
+    """The article's figure from the store alone: conv2's kernels between the feature
+    visualizations of conv1's channels (its inputs) and of its own (its outputs)."""
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((3, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "conv1.weight"], ["h"], pads=[1, 1, 1, 1],
+                              name="/conv1/Conv"),
+             helper.make_node("Relu", ["h"], ["r"], name="/relu/Relu"),
+             helper.make_node("Conv", ["r", "conv2.weight"], ["y"], pads=[1, 1, 1, 1],
+                              name="/conv2/Conv")]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", 1, [1, 4, 8, 8])],
+                          [numpy_helper.from_array(w1, "conv1.weight"),
+                           numpy_helper.from_array(w2, "conv2.weight")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "two.onnx")
+    store = wa.open_store(tmp_path / "store")
+    snap = wa.ingest(tmp_path / "two.onnx", store=store, model="two")
+    w = snap.read("conv2.weight")
+    fv_in = wa.feature_visualization(snap, "conv1", range(3), steps=4, size=8)
+    fv_out = wa.feature_visualization(snap, "conv2", range(4), steps=4, size=8)
+    assert fv_in.value == "h" and fv_out.value == "y"
+    assert fv_in.images.shape == (3, 3, 8, 8) and fv_out.images.shape == (4, 3, 8, 8)
+    spec = wa.viz.contextualized(w, fv_in.images, fv_out.images, outputs=[0, 1, 2, 3],
+                                 name="conv2.weight").to_dict()
+    meta = spec["usermeta"]["weightatlas"]
+    assert meta["outputs"] == [0, 1, 2, 3] and sorted(meta["inputs"]) == [0, 1, 2]
+    assert wa.viz.to_svg(spec).startswith("<svg")
+    snap.close()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from weightatlas.errors import InputMismatchError
+from weightatlas.errors import InputMismatchError, NotFoundError
 from weightatlas.storage import Snapshot, Store
 
 if TYPE_CHECKING:
@@ -244,7 +244,12 @@ def weight_gradients(snapshot: Snapshot | str | StoredFunction, inputs: Any,
 
     if store is None and isinstance(snapshot, Snapshot | StoredFunction):
         path = snapshot.path if isinstance(snapshot, Snapshot) else snapshot.snapshot_path
-        store = Path(path).parents[2]  # <store>/models/<model>/<file>
+        root = Path(path).parents[2]  # <store>/models/<model>/<file>
+        try:
+            store = Store(root)
+        except NotFoundError:
+            raise NotFoundError(f"{path}: this snapshot is not inside a store (no store at "
+                                f"{root}); pass store= to say where the gradients go") from None
     st = store if isinstance(store, Store) else Store(store)
     fn = stored_function(snapshot, st)
     return weight_gradient_snapshot(fn, inputs, target, store=st, loss=loss, output=output,
