@@ -223,5 +223,7 @@ def _missing(fn: StoredFunction, grads: Mapping[str, Any]) -> dict[str, str]:
         if name in fn.weight_of:
             out[name] = "an integer or boolean constant of the graph"
         else:
-            out[name] = "the graph does not compute with it"
+            out[name] = ("not a weight of the executor: the graph does not compute with it "
+                         "(an original of a folded weight, a counter), or holds it as a "
+                         "constant (packed types, tensors inside subgraphs)")
     return out
