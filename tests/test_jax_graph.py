@@ -363,6 +363,10 @@ PRIMITIVES: dict[str, tuple[Callable[..., Any], dict[str, Any], tuple[Any, ...]]
                       + jax.lax.clamp(np.float32(-0.3), x, np.float32(0.7)) + jnp.square(x)
                       + jnp.where(~(x < 0) | (x > 1.5), 1.0, -1.0)),
         {"s": np.float32(0.5)}, (np.linspace(-2, 2, 12, dtype=np.float32).reshape(4, 3),)),
+    "scalar_output": (  # a loss: scalar literals must not make it [1]
+        lambda p, x: (jnp.mean((x * p["w"]) ** 2) / 3.0, x * p["w"]),
+        {"w": np.full((2, 3), 0.5, np.float32)},
+        (np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),)),
     "calls_and_pass_through": (
         lambda p, x: (_cube(jax.checkpoint(lambda y: jnp.tanh(y) * p["w"])(x))
                       + jax.lax.stop_gradient(x) * x, p["w"]),
@@ -393,6 +397,40 @@ def test_primitive_conversions(case: str, store: Store) -> None:
         assert np.asarray(g).dtype == w.dtype and o.dtype == w.dtype
         assert np.asarray(g).shape == w.shape
         assert rel(g, w) < 1e-5 and rel(o, w) < 1e-5
+
+
+def test_log1p_expm1_and_softplus_keep_small_values(store: Store) -> None:
+    """log1p and expm1 stay exact where 1 + x rounds to 1 (and softplus, which uses
+    log1p(exp(-|x|)), in its far tail), and their gradients stay finite."""
+    def apply(p: Any, x: Any) -> Any:
+        # log1p of |x|: log1p is NaN below -1; expm1 down to exp(x) == 0
+        return (jnp.log1p(jnp.abs(x) * p["s"]), jnp.log1p(-jnp.minimum(x * x, 0.5) * p["s"]),
+                jnp.expm1(x * p["s"]), jax.nn.softplus(-30 * x))
+
+    x = np.asarray([1e-8, -1e-9, 1e-10, 2e-3, 0.5, -0.75, 0.999, -200.0], np.float32)
+    params = {"s": np.float32(1.0)}
+    src = wj.from_pytree(params, label="tiny", apply=apply, example_inputs=(x,))
+    fn = from_snapshot(store.write(src, "tiny"))
+    model = fill(src.attachments()[GRAPH_ATTACHMENT], dict(params))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for got in (fn(x), sess.run(None, {"input_0": x})):
+        for g, w in zip(got, apply(params, x), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-30)
+    grad = jax.grad(lambda v: sum(o.sum() for o in fn.apply(fn.weights, v)))(x)
+    want = jax.grad(lambda v: sum(o.sum() for o in apply(params, v)))(x)
+    assert np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("apply", "why"), [
+    (lambda p, x: ~(x + p["s"]), "bitwise not of integers"),
+    (lambda p, x: jax.lax.reduce_window(x + p["s"], 0, jax.lax.add, (2,), (1,), "VALID"),
+     "window reduction of int32"),
+], ids=["int_not", "int_pooling"])
+def test_integer_operations_onnx_cannot_express_are_refused(apply: Any, why: str) -> None:
+    x = np.asarray([-3, 0, 4], np.int32)
+    with pytest.raises(UnsupportedError, match=why):
+        wj.from_pytree({"s": np.int32(1)}, apply=apply, example_inputs=(x,))
 
 
 # ---- bad input ---------------------------------------------------------------------

@@ -74,7 +74,10 @@ class _Builder:
         if key is not None and key in self._consts:
             return self._consts[key]
         name = f"const_{len(self.initializers)}"
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.require, not np.ascontiguousarray, which makes a scalar [1] (and so a scalar
+        # result, a loss, would come out as [1])
+        self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"),
+                                                         name))
         if key is not None:
             self._consts[key] = name
         return name
@@ -182,6 +185,8 @@ def _ne(b: _Builder, eqn: Any, ins: list[str]) -> list[str]:
 
 
 def _unary(b: _Builder, eqn: Any, ins: list[str]) -> list[str]:
+    if eqn.primitive.name == "not" and np.dtype(eqn.invars[0].aval.dtype) != np.bool_:
+        raise _Refused("bitwise not of integers")  # ONNX Not takes booleans only
     return [b.one(_UNARY[eqn.primitive.name], ins)]
 
 
@@ -198,13 +203,31 @@ def _square(b: _Builder, eqn: Any, ins: list[str]) -> list[str]:
 
 
 def _log1p(b: _Builder, eqn: Any, ins: list[str]) -> list[str]:
+    """``log(u) * x / (u - 1)`` with ``u = 1 + x`` (exact for small ``x``, where
+    ``log(1 + x)`` is 0), ``x`` where ``u == 1``; the unused branch's denominator is kept
+    away from 0 so that gradients stay finite."""
+    x = ins[0]
     one = b.const(np.asarray(1, eqn.invars[0].aval.dtype))
-    return [b.one("Log", [b.one("Add", [ins[0], one])])]
+    u = b.one("Add", [x, one])
+    at_one = b.one("Equal", [u, one])
+    den = b.one("Where", [at_one, one, b.one("Sub", [u, one])])
+    val = b.one("Div", [b.one("Mul", [b.one("Log", [u]), x]), den])
+    return [b.one("Where", [at_one, x, val])]
 
 
 def _expm1(b: _Builder, eqn: Any, ins: list[str]) -> list[str]:
-    one = b.const(np.asarray(1, eqn.invars[0].aval.dtype))
-    return [b.one("Sub", [b.one("Exp", ins), one])]
+    """``(u - 1) * x / log(u)`` with ``u = exp(x)`` (Kahan's form, exact for small ``x``),
+    ``x`` where ``u == 1`` and ``-1`` where ``u == 0``, with the unused branch's
+    denominator kept away from 0 and infinity."""
+    x = ins[0]
+    dtype = eqn.invars[0].aval.dtype
+    one, zero = b.const(np.asarray(1, dtype)), b.const(np.asarray(0, dtype))
+    u = b.one("Exp", [x])
+    at_one, at_zero = b.one("Equal", [u, one]), b.one("Equal", [u, zero])
+    safe_u = b.one("Where", [b.one("Or", [at_one, at_zero]), b.const(np.asarray(2, dtype)), u])
+    val = b.one("Div", [b.one("Mul", [b.one("Sub", [u, one]), x]), b.one("Log", [safe_u])])
+    val = b.one("Where", [at_zero, b.const(np.asarray(-1, dtype)), val])
+    return [b.one("Where", [at_one, x, val])]
 
 
 def _exp2(b: _Builder, eqn: Any, ins: list[str]) -> list[str]:
@@ -396,6 +419,12 @@ def _reduce_window(b: _Builder, eqn: Any, ins: list[str]) -> list[str]:
         return [b.one("Identity", ins)]
     if len(pooled) > 3:
         raise _Refused(f"a window over {len(pooled)} axes (at most 3 are supported)")
+    if not np.issubdtype(np.dtype(eqn.invars[0].aval.dtype), np.floating):
+        raise _Refused(f"a window reduction of {np.dtype(eqn.invars[0].aval.dtype).name} "
+                       "values (ONNX pooling takes floating point)")
+    if any(max(pads[d]) >= window[d] for d in pooled):
+        raise _Refused(f"padding {pads} as large as the window {tuple(window)} (ONNX pooling "
+                       "needs it smaller)")
     if prim == "reduce_window_sum" and any(wdil[d] != 1 for d in pooled):
         raise _Refused(f"window_dilation {tuple(wdil)} of a sum")
     perm = [*kept, *pooled]
