@@ -540,3 +540,34 @@ def test_rounding_rule_in_float32_bits_is_four_numpy_spacings(k):
                                                          ).astype(np.float64)
     got = [_within_4_ulp32(x[i : i + 1], y[i : i + 1], d[i : i + 1]) for i in range(x.size)]
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_nan_does_not_hide_a_transpose(store):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    w[0, 1] = np.nan
+    a = store.write(RecordsSource([TensorRecord("w", w)]), "sqn", step=1)
+    b = store.write(RecordsSource([TensorRecord("w", w.T.copy())]), "sqn", step=2)
+    pair = compare(a, b).records()[0]
+    assert pair["transform"] == "transpose(1, 0)" and pair["max_abs_diff"] == 0.0
+
+
+def test_tiny_values_are_measured_without_underflow():
+    """float32 squares of values near 1e-22 underflow; such pairs are measured in float64."""
+    a = np.full(4096, 1e-25, np.float32)
+    s = diff(a, 2 * a)
+    assert (s.rel_l2, s.cosine, s.verdict) == (pytest.approx(1.0), pytest.approx(1.0),
+                                               "changed")
+    r = np.random.default_rng(0).standard_normal(5000).astype(np.float32) * 1e-22
+    s = diff(r, 1.5 * r)
+    want = reference(r, 1.5 * r)
+    assert s.rel_l2 == pytest.approx(want[1], rel=1e-6) and s.cosine == pytest.approx(1.0)
+
+
+def test_64_bit_integers_differ_exactly():
+    """float64 cannot tell 2**60 from 2**60 + 1: the verdict comes from the integers."""
+    s = diff(np.array([2**60, 1], np.int64), np.array([2**60 + 1, 1], np.int64))
+    assert (s.max_abs_diff, s.verdict) == (1.0, "changed")
+    s = diff(np.array([-(2**62), 1], np.int64), np.array([2**62, 1], np.int64))
+    assert s.max_abs_diff == float(2**63)
+    assert diff(np.array([2**60], np.int64), np.array([2**60], np.int64)).verdict == "identical"

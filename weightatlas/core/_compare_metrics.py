@@ -49,6 +49,9 @@ __all__ = ["BLOCK", "ROW", "Accumulator", "PairStats", "diff_arrays", "measure_p
 
 #: Values per piece (65,536 float32 = 256 KiB, three buffers of it fit a 1 MiB L2).
 BLOCK = 1 << 16
+#: Below this, a float32 sum of squares may have lost values to underflow: measured again
+#: in float64.
+_TINY = 1e-30
 #: Values per float32 partial sum (summed in float64 across rows).
 ROW = 1024
 
@@ -102,9 +105,16 @@ class Accumulator:
 
     @property
     def clean(self) -> bool:
-        """Whether every value added was finite (a NaN or Inf makes the sums non-finite)."""
-        return self.finite or (math.isfinite(self.max_abs)
-                               and math.isfinite(float(self.sums.sum())))
+        """Whether the one-pass sums can be trusted: every value added was finite (a NaN or
+        Inf makes the sums non-finite) and, in float32, no sum of squares is so small that
+        squares underflowed (values below about 1e-19, or differences that small)."""
+        if self.finite:
+            return True
+        totals = self.sums.sum(axis=1)
+        if not (math.isfinite(self.max_abs) and np.isfinite(totals).all()):
+            return False
+        return not (self.work is np.float32 and self.max_abs > 0
+                    and float(min(totals[0], totals[1], totals[3])) < _TINY)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
         """Add the next values of both sides (1-d, equal lengths, any numeric dtypes)."""
@@ -130,6 +140,9 @@ class Accumulator:
         n = a.size
         if n == 0:
             return
+        if a.dtype.itemsize == 8 and a.dtype.kind in "iu" and a.dtype == b.dtype:
+            # float64 cannot hold 64-bit integers exactly: the largest difference, exactly
+            self.max_abs = max(self.max_abs, _int64_max_abs_diff(a, b))
         x = a if a.dtype == self.work else self._load(a, 0)
         y = b if b.dtype == self.work else self._load(b, 1)
         d = np.subtract(x, y, out=self.buf[2, :n])
@@ -187,6 +200,16 @@ class Accumulator:
             return PairStats(0.0, 0.0, 1.0 if cosine is not None else None, "identical", 0)
         verdict = "changed" if self.nonfinite else self.explain.verdict()
         return PairStats(self.max_abs, rel, cosine, verdict, self.nonfinite)
+
+
+def _int64_max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """``max |a - b|`` of two 64-bit integer arrays of one dtype, without overflow (the
+    difference taken modulo 2**64 and folded to its magnitude)."""
+    ua, ub = a.astype(np.uint64, copy=False), b.astype(np.uint64, copy=False)
+    ge = a >= b
+    with np.errstate(over="ignore"):
+        mag = np.where(ge, ua - ub, ub - ua)
+    return float(mag.max()) if mag.size else 0.0
 
 
 def measure_pieces(a_dtype: str, b_dtype: str, pieces: Callable[[], Iterable[tuple[np.ndarray,

@@ -130,9 +130,11 @@ def _transpose_closer(a: Snapshot, b: Snapshot, m: Match) -> bool:
     here, mirrored = _sample(xa.shape[0])
     flat_a, flat_b = xa.reshape(-1), np.ascontiguousarray(yb).reshape(-1)
     va = flat_a.take(here).astype(np.float64)
+    vb, vm = flat_b.take(here).astype(np.float64), flat_b.take(mirrored).astype(np.float64)
+    ok = np.isfinite(va) & np.isfinite(vb) & np.isfinite(vm)  # a NaN must not decide
     with np.errstate(invalid="ignore", over="ignore"):
-        kept = float(np.sum((va - flat_b.take(here).astype(np.float64)) ** 2))
-        flipped = float(np.sum((va - flat_b.take(mirrored).astype(np.float64)) ** 2))
+        kept = float(np.sum((va[ok] - vb[ok]) ** 2))
+        flipped = float(np.sum((va[ok] - vm[ok]) ** 2))
     return flipped < 0.5 * kept
 
 
