@@ -383,7 +383,7 @@ def test_snapshot_without_a_graph(tmp_path: Path, store: Store) -> None:
 
     safetensors.write({"fc.weight": np.ones((2, 3), np.float32)}, tmp_path / "m.safetensors")
     snap = wa.ingest(tmp_path / "m.safetensors", store=store)
-    with pytest.raises(NotFoundError, match=r"snapshot m@0 has no graph \(graph.onnx\).*"
+    with pytest.raises(NotFoundError, match=r"snapshot m@0 has no graph\.onnx attachment \(only.*"
                                             r"safetensors source.*ingest the model from an "
                                             r"ONNX file.*example_inputs"):
         from_snapshot(snap)

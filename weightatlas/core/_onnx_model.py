@@ -42,19 +42,31 @@ _INT32_16BIT = {4, 5, 10, 16}  # UINT16 INT16 FLOAT16 BFLOAT16 (FLOAT16/BFLOAT16
 _INT32_8BIT = {2, 3, 9, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26}
 
 
-def _parse(snapshot: Snapshot) -> tuple[Any, dict[str, Any]]:
+def attached_model(snapshot: Snapshot, missing: str) -> Any:
+    """The snapshot's ``graph.onnx`` parsed as a ``ModelProto``.
+
+    Raises:
+        NotFoundError: The snapshot has no such attachment (``missing`` says why).
+        IntegrityError: The attachment is not a valid ONNX model.
+    """
     import onnx
     from google.protobuf.message import DecodeError
 
     if GRAPH_ATTACHMENT not in snapshot.attachments:
-        raise NotFoundError(f"{snapshot.path}: snapshot {snapshot.ref} has no {GRAPH_ATTACHMENT} "
-                            f"attachment (it was not ingested from an ONNX model)")
+        raise NotFoundError(f"{snapshot.path}: snapshot {snapshot.ref} has no "
+                            f"{GRAPH_ATTACHMENT} attachment ({missing})")
     model = onnx.ModelProto()
     try:
         model.ParseFromString(snapshot.attachment(GRAPH_ATTACHMENT))
     except DecodeError as e:
         raise IntegrityError(f"{snapshot.path}: {GRAPH_ATTACHMENT} of {snapshot.ref} is not a "
                              f"valid ONNX model: {e}") from e
+    return model
+
+
+def pop_graph_table(snapshot: Snapshot, model: Any) -> dict[str, Any]:
+    """The ONNX adapter's table, the last of ``model.metadata_props``, checked and removed
+    from the model (which is then the original's graph again)."""
     props = model.metadata_props
     if not props or props[-1].key != GRAPH_KEY:
         raise IntegrityError(f"{snapshot.path}: {GRAPH_ATTACHMENT} of {snapshot.ref} has no "
@@ -64,12 +76,18 @@ def _parse(snapshot: Snapshot) -> tuple[Any, dict[str, Any]]:
     except ValueError as e:
         raise IntegrityError(f"{snapshot.path}: {GRAPH_KEY} table of {snapshot.ref} is not "
                              f"JSON: {e}") from e
-    if table.get("format") != "weightatlas.onnx-graph" or table.get("version") != 1:
-        raise IntegrityError(f"{snapshot.path}: {GRAPH_KEY} table of {snapshot.ref} has format "
-                             f"{table.get('format')!r} version {table.get('version')!r}, "
-                             "expected 'weightatlas.onnx-graph' version 1")
+    if not isinstance(table, dict) or table.get("format") != "weightatlas.onnx-graph" \
+            or table.get("version") != 1:
+        found = (table.get("format"), table.get("version")) if isinstance(table, dict) else table
+        raise IntegrityError(f"{snapshot.path}: {GRAPH_KEY} table of {snapshot.ref} is "
+                             f"{found!r}, expected 'weightatlas.onnx-graph' version 1")
     del props[-1]
-    return model, table
+    return table
+
+
+def _parse(snapshot: Snapshot) -> tuple[Any, dict[str, Any]]:
+    model = attached_model(snapshot, "it was not ingested from an ONNX model")
+    return model, pop_graph_table(snapshot, model)
 
 
 def graph_table(snapshot: Snapshot) -> dict[str, Any]:

@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from weightatlas.core._onnx_model import GRAPH_ATTACHMENT, GRAPH_KEY, LOCATION_PREFIX, _fill
-from weightatlas.errors import IntegrityError, NotFoundError
+from weightatlas.core._onnx_model import (
+    GRAPH_ATTACHMENT,
+    GRAPH_KEY,
+    LOCATION_PREFIX,
+    _fill,
+    attached_model,
+    pop_graph_table,
+)
+from weightatlas.errors import IntegrityError
 from weightatlas.storage import Snapshot, dtype_from_name
 
 if TYPE_CHECKING:
@@ -47,24 +54,14 @@ def rewrite(model: Any, convention: str, table: dict[str, Any],
 
 def read_graph(snapshot: Snapshot) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
     """(the attached model, its convention, the ONNX adapter's table or ``{}``)."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    if GRAPH_ATTACHMENT not in snapshot.attachments:
-        framework = snapshot.metadata.get("framework") or "its"
-        raise NotFoundError(
-            f"{snapshot.path}: snapshot {snapshot.ref} has no graph ({GRAPH_ATTACHMENT}): "
-            f"only its weights were stored ({framework} source), so it cannot be run; ingest "
-            "the model from an ONNX file (wa.ingest('model.onnx')), a live PyTorch module "
-            "with example inputs (wa.adapters.torch.from_module(module, "
-            "example_inputs=(x,))), or JAX parameters with their function "
-            "(wa.adapters.jax.from_pytree(params, apply=model.apply, example_inputs=(x,)))")
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(snapshot.attachment(GRAPH_ATTACHMENT))
-    except DecodeError as e:
-        raise IntegrityError(f"{snapshot.path}: {GRAPH_ATTACHMENT} of {snapshot.ref} is not a "
-                             f"valid ONNX model: {e}") from e
+    framework = snapshot.metadata.get("framework") or "its"
+    model = attached_model(
+        snapshot,
+        f"only its weights were stored ({framework} source), so it cannot be run; ingest "
+        "the model from an ONNX file (wa.ingest('model.onnx')), a live PyTorch module "
+        "with example inputs (wa.adapters.torch.from_module(module, "
+        "example_inputs=(x,))), or JAX parameters with their function "
+        "(wa.adapters.jax.from_pytree(params, apply=model.apply, example_inputs=(x,)))")
     props = model.metadata_props
     key = props[-1].key if len(props) else ""
     if key == TORCH_KEY:
@@ -73,17 +70,7 @@ def read_graph(snapshot: Snapshot) -> tuple[onnx.ModelProto, str, dict[str, Any]
     if key != GRAPH_KEY:
         raise IntegrityError(f"{snapshot.path}: {GRAPH_ATTACHMENT} of {snapshot.ref} has "
                              f"neither a {GRAPH_KEY} table nor a {TORCH_KEY} note")
-    try:
-        table = json.loads(props[-1].value)
-    except ValueError as e:
-        raise IntegrityError(f"{snapshot.path}: {GRAPH_KEY} table of {snapshot.ref} is not "
-                             f"JSON: {e}") from e
-    if not isinstance(table, dict) or table.get("format") != "weightatlas.onnx-graph" \
-            or table.get("version") != 1:
-        raise IntegrityError(f"{snapshot.path}: {GRAPH_KEY} table of {snapshot.ref} is not "
-                             "'weightatlas.onnx-graph' version 1")
-    del props[-1]
-    return model, "onnx", table
+    return model, "onnx", pop_graph_table(snapshot, model)
 
 
 def location(t: Any) -> str | None:
