@@ -21,7 +21,6 @@ from weightatlas.core.executor import (
     stored_gradients,
     weight_gradient_snapshot,
 )
-from weightatlas.core.executor._gradsnap import to_canonical_layout
 from weightatlas.errors import (
     InputMismatchError,
     IntegrityError,
@@ -29,7 +28,13 @@ from weightatlas.errors import (
     ShapeError,
     SnapshotExistsError,
 )
-from weightatlas.storage import RecordsSource, Store, TensorRecord, to_source_layout
+from weightatlas.storage import (
+    RecordsSource,
+    Store,
+    TensorRecord,
+    to_canonical_layout,
+    to_source_layout,
+)
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -219,6 +224,13 @@ def test_to_canonical_layout_inverts_to_source_layout(rng: np.random.Generator) 
         back = to_canonical_layout(to_source_layout(a, layout, source, source_shape), layout,
                                    source, shape)
         assert back.tobytes() == a.tobytes()
+    # a Flax ConvTranspose kernel: stored spatially reversed (attrs["flip"])
+    layout, source, flip = ("in", "out", "h", "w"), ("h", "w", "in", "out"), ("h", "w")
+    a = rng.standard_normal((3, 2, 4, 5))
+    src = to_source_layout(a, layout, source, (4, 5, 3, 2), flip)
+    np.testing.assert_array_equal(src, a[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
+    back = to_canonical_layout(src, layout, source, (3, 2, 4, 5), flip)
+    assert back.tobytes() == a.tobytes()
 
 
 def test_occlusion_runs_the_stored_model(tmp_path: Path, store: Store) -> None:

@@ -22,7 +22,9 @@ from weightatlas.storage._record import (
     KINDS,
     MAX_NDIM,
     TensorRecord,
+    flipped_axes,
     split_name,
+    to_canonical_layout,
     to_source_layout,
 )
 from weightatlas.storage._refs import SnapshotInfo, parse_ref
@@ -48,7 +50,9 @@ __all__ = [
     "SourceFile",
     "TensorRecord",
     "TensorSource",
+    "flipped_axes",
     "split_name",
+    "to_canonical_layout",
     "to_source_layout",
     # Format facts
     "ALIGNMENT",

@@ -19,7 +19,8 @@ import numpy as np
 from weightatlas.errors import ShapeError, UnsupportedError
 from weightatlas.storage._dtypes import dtype_name
 
-__all__ = ["KINDS", "TensorRecord", "split_name", "to_source_layout"]
+__all__ = ["KINDS", "TensorRecord", "flipped_axes", "split_name", "to_canonical_layout",
+           "to_source_layout"]
 
 #: The kinds of tensor a snapshot distinguishes.
 KINDS = (
@@ -182,3 +183,47 @@ def to_source_layout(
     if tuple(array.shape) != tuple(source_shape):
         array = array.reshape(tuple(source_shape))
     return array
+
+
+def to_canonical_layout(
+    array: np.ndarray,
+    layout: tuple[str, ...] | list[str],
+    source_layout: tuple[str, ...] | list[str],
+    shape: tuple[int, ...] | list[int],
+    flip: tuple[str, ...] | list[str] = (),
+) -> np.ndarray:
+    """The inverse of :func:`to_source_layout`: a source-layout array (a weight's gradient
+    as the source's graph computes it) back in the canonical ``layout`` and ``shape``.
+
+    Example:
+        >>> g = np.arange(6).reshape(3, 2)          # [in, out], as a MatMul holds it
+        >>> to_canonical_layout(g, ("out", "in"), ("in", "out"), (2, 3)).tolist()
+        [[0, 2, 4], [1, 3, 5]]
+    """
+    layout, source_layout, shape = list(layout), list(source_layout), tuple(shape)
+    if layout != source_layout and sorted(layout) == sorted(source_layout):
+        permuted = tuple(shape[layout.index(a)] for a in source_layout)
+        array = array.reshape(permuted).transpose([source_layout.index(a) for a in layout])
+    else:
+        array = array.reshape(shape)
+    if flip:
+        array = array[tuple(slice(None, None, -1) if a in flip else slice(None)
+                            for a in layout)]
+    return np.ascontiguousarray(array)
+
+
+def flipped_axes(attrs: str | Mapping[str, Any] | None) -> list[str]:
+    """The axes a record's ``attrs`` (JSON text or a mapping) say the adapter reversed.
+
+    Example:
+        >>> flipped_axes('{"flip": ["h", "w"], "groups": 1}'), flipped_axes("{}")
+        (['h', 'w'], [])
+    """
+    if not attrs:
+        return []
+    if isinstance(attrs, str):
+        if '"flip"' not in attrs:  # most records: no JSON parse on the read path
+            return []
+        attrs = json.loads(attrs)
+    flip = attrs.get("flip") if isinstance(attrs, Mapping) else None
+    return [str(a) for a in flip] if isinstance(flip, list) else []

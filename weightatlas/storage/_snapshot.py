@@ -15,7 +15,6 @@ KiB instead, checksumming them as they pass. Every batch read is validated
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from weightatlas.storage._dtypes import dtype_from_name
 from weightatlas.storage._format import INFO_COLUMNS, SCHEMA, decode_metadata
 from weightatlas.storage._integrity import file_checksum
 from weightatlas.storage._mmap import MappedFile
-from weightatlas.storage._record import to_source_layout
+from weightatlas.storage._record import flipped_axes, to_source_layout
 from weightatlas.storage._refs import ref
 
 __all__ = ["Snapshot", "TensorInfo"]
@@ -309,8 +308,7 @@ class Snapshot:
         if layout == "canonical":
             return array
         try:
-            attrs = first.column("attrs")[0].as_py()
-            flip = json.loads(attrs).get("flip") or [] if attrs and '"flip"' in attrs else []
+            flip = flipped_axes(first.column("attrs")[0].as_py())
             return to_source_layout(
                 array,
                 first.column("layout")[0].as_py(),

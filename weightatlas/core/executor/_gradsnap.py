@@ -26,38 +26,26 @@ from typing import Any
 import numpy as np
 
 from weightatlas.errors import ShapeError
-from weightatlas.storage import RecordsSource, Snapshot, Store, TensorRecord
+from weightatlas.storage import (
+    RecordsSource,
+    Snapshot,
+    Store,
+    TensorRecord,
+    flipped_axes,
+    to_canonical_layout,
+)
 
 from ._errors import InputMismatchError
 from ._saliency import _targets, weight_gradients
 from ._stored import StoredFunction, from_snapshot
 
-__all__ = ["GRADIENT_SUFFIX", "LOSSES", "stored_gradients", "to_canonical_layout",
-           "weight_gradient_snapshot"]
+__all__ = ["GRADIENT_SUFFIX", "LOSSES", "stored_gradients", "weight_gradient_snapshot"]
 
 #: Model-name suffix of a gradient snapshot (``resnet18`` -> ``resnet18.grad``).
 GRADIENT_SUFFIX = ".grad"
 #: Objectives by name: the sum over the batch of each example's target logit, or the
 #: mean softmax cross-entropy against the targets (``torch.nn.functional.cross_entropy``).
 LOSSES = ("target", "cross_entropy")
-
-
-def to_canonical_layout(array: np.ndarray, layout: Sequence[str], source_layout: Sequence[str],
-                        shape: Sequence[int]) -> np.ndarray:
-    """The inverse of :func:`weightatlas.storage.to_source_layout`: a source-layout array
-    back in the canonical ``layout`` and ``shape``.
-
-    Example:
-        >>> g = np.arange(6).reshape(3, 2)          # [in, out], as a MatMul holds it
-        >>> to_canonical_layout(g, ("out", "in"), ("in", "out"), (2, 3)).tolist()
-        [[0, 2, 4], [1, 3, 5]]
-    """
-    layout, source_layout, shape = list(layout), list(source_layout), tuple(shape)
-    if layout != source_layout and sorted(layout) == sorted(source_layout):
-        permuted = tuple(shape[layout.index(a)] for a in source_layout)
-        return np.ascontiguousarray(array.reshape(permuted).transpose(
-            [source_layout.index(a) for a in layout]))
-    return array.reshape(shape)
 
 
 def _objective(fn: StoredFunction, inputs: list[Any], target: Any,
@@ -138,7 +126,7 @@ def stored_gradients(fn: StoredFunction, inputs: Any, target: Any = None, *,
         grad = grads.get(fn.weight_of[name])
         if grad is not None:
             found[name] = to_canonical_layout(grad, row["layout"], row["source_layout"],
-                                              row["shape"])
+                                              row["shape"], flipped_axes(row["attrs"]))
     return found
 
 
