@@ -11,18 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from weightatlas.cli import main
+from tests._cli import run_cli as run
 from weightatlas.storage import Store
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def wa(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import weightatlas as wa
-from weightatlas.cli import main
+from tests._cli import run_cli as run
 from weightatlas.core.executor import INTERPOLATION_MODES, interpolate
 from weightatlas.errors import InputMismatchError, ShapeError, UnsupportedError
 
@@ -23,16 +23,6 @@ pytest.importorskip("onnx")
 from torch import nn  # noqa: E402
 
 from tests import onnx_models as om  # noqa: E402
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def rel(a: Any, b: Any) -> float:

@@ -19,6 +19,7 @@ import scipy.signal
 import torch
 from torch import nn
 
+from tests._cli import run_cli as _run
 from tests.onnx_models import export
 from weightatlas.core.executor import (
     ExpandedWeights,
@@ -447,18 +448,6 @@ def test_symbolic_input_shape_needs_input_shape(tmp_path: Path) -> None:
 
 
 # ---- the API and the command line on a stored ResNet-18 ----------------------------------
-
-
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    from weightatlas.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")

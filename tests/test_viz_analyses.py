@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 import weightatlas.viz as viz
+from tests._cli import run_cli as cli
 from tests.test_viz_helpers import (
     DISTILL,
     HOSTILE,
@@ -26,7 +27,6 @@ from tests.test_viz_helpers import (
     strings_outside_data,
 )
 from weightatlas import core
-from weightatlas.cli import main
 from weightatlas.errors import (
     FormatError,
     NotFoundError,
@@ -523,16 +523,6 @@ def test_report_shows_alphas_and_each_matrix_spectrum(lab):
 
 
 # ---- the command line ------------------------------------------------------------------------
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture

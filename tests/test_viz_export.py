@@ -12,8 +12,8 @@ import pytest
 
 import weightatlas as wa
 import weightatlas.viz as viz
+from tests._cli import run_cli as run
 from tests.test_viz_helpers import HOSTILE, columns, header, main, meta
-from weightatlas.cli import main as cli_main
 from weightatlas.errors import FormatError, UnsupportedError
 
 
@@ -164,16 +164,6 @@ def test_kernels_of_resnet18_rank_like_torch(tmp_path: Path):
 
 
 # ---- the command line --------------------------------------------------------------------------
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        cli_main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.mark.parametrize("view,tensor,suffix,extra", [
