@@ -170,10 +170,10 @@ def bench_file(path: Path, work: Path, repeats: int) -> dict:
     }
 
 
-_RSS_CHILD = r"""
+# The child processes' RSS sampler: everything is imported first, then `base` is taken
+# and a thread samples the peak every 5 ms from `start` until `done` is set.
+_RSS_SAMPLER = r"""
 import sys, threading, time, psutil
-sys.path.insert(0, sys.argv[3])
-import weightatlas as wa, weightatlas.adapters.safetensors  # everything imported first
 proc = psutil.Process()
 base = proc.memory_info().rss
 peak = [base]
@@ -184,6 +184,13 @@ def sample():
         time.sleep(0.005)
 t = threading.Thread(target=sample, daemon=True); t.start()
 start = time.perf_counter()
+"""
+
+_RSS_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[3])
+import weightatlas as wa, weightatlas.adapters.safetensors
+""" + _RSS_SAMPLER + r"""
 wa.ingest(sys.argv[1], store=sys.argv[2], model="rss").close()
 elapsed = time.perf_counter() - start
 done.set(); t.join()
@@ -299,20 +306,11 @@ def time_onnx_adapter(path: Path) -> float:
 
 
 _RSS_ONNX_CHILD = r"""
-import sys, threading, time, psutil
+import sys
 sys.path.insert(0, sys.argv[4])
 import numpy as np, onnx, weightatlas as wa, weightatlas.adapters.onnx
 from onnx import numpy_helper
-proc = psutil.Process()
-base = proc.memory_info().rss
-peak = [base]
-done = threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.005)
-t = threading.Thread(target=sample, daemon=True); t.start()
-start = time.perf_counter()
+""" + _RSS_SAMPLER + r"""
 if sys.argv[1] == "ingest":
     wa.ingest(sys.argv[2], store=sys.argv[3], model="rss").close()
 else:
