@@ -284,9 +284,10 @@ def time_onnx_load(path: Path) -> float:
 
 
 def time_onnx_adapter(path: Path) -> float:
-    """The adapter alone: read and check the model, then two passes over every record in
-    canonical C order, read as the store reads them (block by block, transposed weights
-    copied in tiles), each hashed so every byte is touched; no statistics, no writing."""
+    """The adapter alone: read and check the model, then read every record as the store
+    does (its names and shapes once, then its values in canonical C order, block by
+    block, transposed weights copied in tiles), each hashed so every byte is touched; no
+    statistics, no writing."""
     import xxhash
 
     from weightatlas.adapters import onnx as onnx_adapter
@@ -295,13 +296,14 @@ def time_onnx_adapter(path: Path) -> float:
     t = time.perf_counter()
     source = onnx_adapter.read(path)
     scratch = np.empty(8 << 20, np.uint8)
-    for _ in range(2):
-        for rec in source.records():
-            h = xxhash.xxh3_128()
-            for _, block in c_blocks(rec.data, scratch=scratch):
-                h.update(block.view(np.uint8).data)
-            h.hexdigest()
+    shapes = [rec.data.shape for rec in source.records()]
+    for rec in source.records():
+        h = xxhash.xxh3_128()
+        for _, block in c_blocks(rec.data, scratch=scratch):
+            h.update(block.view(np.uint8).data)
+        h.hexdigest()
     source.close()
+    assert shapes
     return time.perf_counter() - t
 
 
@@ -351,7 +353,7 @@ def bench_onnx(path: Path, work: Path, repeats: int) -> dict:
         shutil.rmtree(rss_store, ignore_errors=True)
     return {"file": path.name, "bytes": size, "tensors": n_tensors, "workdir": str(work),
             "largest_tensor_MB": largest / 1e6, "a_onnx_load_to_array_s": ma,
-            "b_write_bytes_s": mb, "c_ingest_s": mc, "d_adapter_two_passes_s": md,
+            "b_write_bytes_s": mb, "c_ingest_s": mc, "d_adapter_read_s": md,
             "ratio_c_over_a": mc / ma, "ratio_d_over_a": md / ma,
             "ratio_c_over_a_plus_b": mc / (ma + mb), "ingest_GB_per_s": size / mc / 1e9,
             "ingest_peak_rss_above_baseline_MB": rss["ingest"],
@@ -385,8 +387,8 @@ def main() -> None:
         print(f"  (b) write bytes+fsync    {r['b_write_bytes_s']:.3f} s")
         print(f"  (c) weightatlas ingest   {r['c_ingest_s']:.3f} s  "
               f"({r['ingest_GB_per_s']:.2f} GB/s)")
-        print(f"  (d) the adapter alone    {r['d_adapter_two_passes_s']:.3f} s  (read + two passes "
-              "over the records in C order, no statistics, no writing)")
+        print(f"  (d) the adapter alone    {r['d_adapter_read_s']:.3f} s  (read, then every "
+              "record's values once in C order, no statistics, no writing)")
         print(f"  c / a = {r['ratio_c_over_a']:.2f}   (target <= 1.5); c / (a + b) = "
               f"{r['ratio_c_over_a_plus_b']:.2f} (ingest also writes and fsyncs the snapshot); "
               f"d / a = {r['ratio_d_over_a']:.2f}")

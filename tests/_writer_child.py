@@ -2,7 +2,7 @@
 
 usage: python _writer_child.py STORE MODEL STEP SEED MB [--pause-after-write-bytes N]
                                [--go-file PATH]
-Prints READY once it has written N bytes of pass 2, then sleeps (to be killed).
+Prints READY once it has written N bytes of rows, then sleeps (to be killed).
 Exit status 0: committed; 3: SnapshotExistsError; 1: anything else.
 """
 

@@ -80,7 +80,7 @@ def test_schema_is_exactly_the_documented_one(store: Store):
     for key in ("model", "step", "tag", "framework", "source_file", "source_sha256", "created",
                 "package_version", "format_version", "content_digest", "file_checksum"):
         assert key in meta, key
-    assert meta["format"] == "weightatlas.snapshot" and meta["format_version"] == 1
+    assert meta["format"] == "weightatlas.snapshot" and meta["format_version"] == 2
 
 
 def test_every_data_value_starts_64_byte_aligned(store: Store, rng: np.random.Generator):

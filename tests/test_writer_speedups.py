@@ -1,5 +1,6 @@
-"""The writer's fast paths: tiled C-order copies, one-pass statistics and checksums of
-strided tensors, and pass 2 prepared on a worker thread.
+"""The writer's fast paths: tiled C-order copies, statistics and checksums taken in the
+one read of each tensor, rows written on a thread of their own while the next tensor is
+read, and the whole-file checksum taken as the file is written (header last).
 
 Every check compares against an independent reference: NumPy's own C-order copy
 (``np.ascontiguousarray``), ``xxhash`` over those bytes, a float64 NumPy reference for
@@ -12,6 +13,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -145,7 +147,10 @@ def test_strided_tensors_are_stored_as_their_c_order_bytes(tmp_path, rng, monkey
 
 @dataclass
 class ChangingSource:
-    """A source whose second reading differs from its first (a file edited mid-ingest)."""
+    """A source whose second reading differs from its first (a file edited mid-ingest).
+
+    The store reads it twice: names, shapes and dtypes first, then every tensor once.
+    """
 
     first: list[TensorRecord]
     second: list[TensorRecord]
@@ -173,7 +178,8 @@ class ChangingSource:
 
 
 def _no_writer_threads() -> bool:
-    return not any(t.name == "weightatlas-writer" for t in threading.enumerate())
+    return not any(t.name.startswith(("weightatlas-writer", "weightatlas-sha256"))
+                   for t in threading.enumerate())
 
 
 def _nothing_left(store: Store) -> bool:
@@ -181,20 +187,32 @@ def _nothing_left(store: Store) -> bool:
     return (not os.path.isdir(staging) or not os.listdir(staging)) and not store.snapshots()
 
 
-def test_a_tensor_that_changes_between_the_passes_is_refused(store: Store, rng):
+def test_each_tensor_is_read_once_so_its_row_is_consistent(store: Store, rng):
+    """Values that differ between the layout pass (which reads no values) and the read
+    are stored as read, with statistics and checksums of exactly those values."""
     a = rng.standard_normal((64, 48)).astype(np.float32)
     b = a.copy()
     b[10, 3] += 1
     first = [TensorRecord("w0", a.T), TensorRecord("w1", a)]
-    second = [TensorRecord("w0", a.T), TensorRecord("w1", b)]
-    with pytest.raises(IntegrityError, match=r"changing: tensor 'w1' changed while it was being "
-                                             "ingested"):
-        store.write(ChangingSource(first, second), "m")
+    second = [TensorRecord("w0", b.T), TensorRecord("w1", b)]
+    src = ChangingSource(first, second)
+    snap = store.write(src, "m")
+    assert src.reads == 2 and src.threads == {threading.current_thread().name}
+    for name, want in (("w0", b.T), ("w1", b)):
+        np.testing.assert_array_equal(snap.read(name), want)
+        assert snap.info(name).l2 == tensor_stats(want).l2
+    assert snap.verify() == []
+    snap.close()
+
+
+def test_a_source_that_changes_shape_or_dtype_is_refused(store: Store, rng):
+    a = rng.standard_normal((8, 6)).astype(np.float32)
+    for second in ([TensorRecord("w0", a[:4])], [TensorRecord("w0", a.astype(np.float64))],
+                   [TensorRecord("w0", a.T)]):
+        with pytest.raises(IntegrityError, match="changing: tensor 'w0' changed shape or dtype "
+                                                 "while it was being ingested"):
+            store.write(ChangingSource([TensorRecord("w0", a)], second), "m")
     assert _nothing_left(store) and _no_writer_threads()
-    src = ChangingSource([TensorRecord("w0", a.T)], [TensorRecord("w0", b.T)])
-    with pytest.raises(IntegrityError, match="tensor 'w0' changed"):
-        store.write(src, "m")
-    assert src.threads == {threading.current_thread().name, "weightatlas-writer"}
 
 
 def test_missing_or_reordered_tensors_in_the_second_pass_are_refused(store: Store, rng):
@@ -204,7 +222,47 @@ def test_missing_or_reordered_tensors_in_the_second_pass_are_refused(store: Stor
         store.write(ChangingSource([r0, r1], [r0]), "m")
     with pytest.raises(IntegrityError, match=r"tensor 'w1' out of place"):
         store.write(ChangingSource([r0, r1], [r1, r0]), "m")
+    with pytest.raises(IntegrityError, match=r"\(tensor 'w1' out of place\)"):
+        store.write(ChangingSource([r0], [r0, r1]), "m")  # one more than laid out
     assert _nothing_left(store) and _no_writer_threads()
+
+
+@pytest.mark.parametrize("case", ["c-order", "chunked", "chunked-strided"])
+def test_a_tensor_changed_between_its_read_and_its_write_is_refused(store: Store, rng, case):
+    """A tensor changed after its statistics and checksums were taken (here: by the
+    progress callback, which runs between the two) is refused, whether its row is written
+    straight from the source's memory or read again chunk by chunk."""
+    a = rng.standard_normal((64, 48)).astype(np.float32)
+    data = a.T.copy().T if case == "chunked-strided" else a
+    records = [TensorRecord("w", data), TensorRecord("after", a[:3])]
+
+    def progress(phase: str, n: int, total: int) -> None:
+        if phase == "read" and n == data.nbytes:
+            data[5, 7] += 1  # the source's memory, changed
+
+    chunk = 1 << 30 if case == "c-order" else 1024
+    with pytest.raises(IntegrityError, match="<memory>: tensor 'w' changed while it was being "
+                                             "ingested"):
+        store.write(RecordsSource(records), "m", chunk_bytes=chunk, progress=progress)
+    assert _nothing_left(store) and _no_writer_threads()
+
+
+def test_a_strided_tensor_is_written_from_the_copy_it_was_read_into(store: Store, rng):
+    """A one-chunk strided tensor is copied into C order once, while its statistics are
+    taken; a change to the source after that does not reach its row: the row is the
+    values read, consistent with its statistics and checksum."""
+    a = rng.standard_normal((64, 48)).astype(np.float32)
+    before = a.T.copy()
+
+    def progress(phase: str, n: int, total: int) -> None:
+        if phase == "read":
+            a[5, 7] += 1
+
+    snap = store.write(RecordsSource([TensorRecord("w", a.T)]), "m", progress=progress)
+    np.testing.assert_array_equal(snap.read("w"), before)
+    assert snap.info("w").l2 == tensor_stats(before).l2
+    assert snap.verify() == []  # (every row's checksum against its bytes)
+    snap.close()
 
 
 class Boom(RuntimeError):
@@ -273,23 +331,161 @@ def test_the_file_checksum_is_taken_while_writing(store: Store, rng, monkeypatch
     assert not _integrity._STREAMED
 
 
-def test_a_file_changed_after_writing_is_hashed_again(tmp_path, rng):
+def test_a_file_changed_after_writing_is_hashed_again(store: Store, rng, monkeypatch):
     """finalize_file_checksum uses the streamed digest only for the very file it was taken
     of: a file rewritten since (other size and time) is read back instead."""
     from weightatlas.storage import _integrity, _writer
 
     values = rng.standard_normal((30, 20)).astype(np.float32)
-    source = RecordsSource([TensorRecord("w", values)])
-    plan = _writer.plan_snapshot(source, "m", 0, None, 1 << 20)
-    meta = _writer.snapshot_metadata(plan, source, "m", 0, None, "2026-01-01T00:00:00", 1 << 20)
-    meta["file_checksum"] = _integrity.PLACEHOLDER
-    path = str(tmp_path / "s.arrow")
-    _writer.write_snapshot_file(path, source, plan, meta)
-    with open(path, "r+b") as f:  # a value changes after the digest was taken
-        at = f.read().find(values.tobytes()[:64])
-        f.seek(at + 10)
-        f.write(b"\xff")
-    os.utime(path, ns=(1, 1))
-    _integrity.finalize_file_checksum(path)
-    stored, actual = _integrity.file_checksum(path)
-    assert at > 0 and stored == actual
+    real = _writer.finalize_file_checksum
+    seen = []
+
+    def tamper_then_finalize(path: str, complete: tuple[bytes, bytes]) -> str:
+        with open(path, "r+b") as f:  # a value changes after the digest was taken
+            at = f.read().find(values.tobytes()[:64])
+            f.seek(at + 10)
+            f.write(b"\xff")
+        os.utime(path, ns=(1, 1))
+        seen.append(at)
+        return real(path, complete)
+
+    monkeypatch.setattr(_writer, "finalize_file_checksum", tamper_then_finalize)
+    snap = store.write(RecordsSource([TensorRecord("w", values)]), "m")
+    stored, actual = _integrity.file_checksum(snap.path)
+    assert seen[0] > 0 and stored == actual == snap.metadata["file_checksum"]
+    # The file checksum is right, and the row's own checksum catches the changed value.
+    assert len(snap.verify()) == 1 and "checksum" in snap.verify()[0]
+    snap.close()
+
+
+def _reference_digest(data: bytes, start: int) -> str:
+    """The whole-file checksum by its definition, without weightatlas: XXH3-128 of the
+    bytes from ``start`` to the end then of the first ``start``, both copies of
+    ``file_checksum`` read as 32 zeros."""
+    key = b'"file_checksum": "'
+    first = data.find(key) + len(key)
+    second = data.rfind(key) + len(key)
+    assert 0 < first < second
+    blank = bytearray(data)
+    for pos in (first, second):
+        blank[pos : pos + 32] = b"0" * 32
+    return xxhash.xxh3_128(bytes(blank[start:] + blank[:start])).hexdigest()
+
+
+def test_the_file_checksum_hashes_the_header_last(store: Store, rng):
+    """Format 2: the digest stored in both metadata copies is XXH3-128 of the file from
+    the end of the schema message on, then the magic and schema message."""
+    import struct
+
+    records = [TensorRecord("w", rng.standard_normal((50, 40)).astype(np.float32).T),
+               TensorRecord("b", rng.standard_normal(7).astype(np.float16))]
+    snap = store.write(RecordsSource(records), "m")
+    data = Path(snap.path).read_bytes()
+    (schema_len,) = struct.unpack("<i", data[12:16])
+    head_end = 16 + schema_len
+    stored = snap.metadata["file_checksum"]
+    assert snap.metadata["format_version"] == 2
+    assert stored == _reference_digest(data, head_end)
+    assert stored != _reference_digest(data, 0)  # not the format 1 order
+    snap.close()
+
+
+def test_a_format_1_snapshot_still_verifies(store: Store, rng):
+    """A snapshot written by format 1 (file checksum in file order) reads and verifies;
+    damaging it is still caught."""
+    import pyarrow as pa
+
+    from weightatlas.storage import Snapshot
+
+    values = rng.standard_normal((20, 10)).astype(np.float32)
+    snap = store.write(RecordsSource([TensorRecord("w", values)]), "m")
+    path = snap.path
+    snap.close()
+    data = bytearray(Path(path).read_bytes())
+    old, new = b'"format_version": 2', b'"format_version": 1'
+    assert data.count(old) == 2
+    data = bytearray(bytes(data).replace(old, new))
+    digest = _reference_digest(bytes(data), 0).encode()
+    key = b'"file_checksum": "'
+    for pos in (data.find(key) + len(key), data.rfind(key) + len(key)):
+        data[pos : pos + 32] = digest
+    os.chmod(path, 0o644)
+    with open(path, "wb") as f:
+        f.write(data)
+    old_snap = Snapshot(path, ("m", 0, None))
+    assert old_snap.metadata["format_version"] == 1
+    assert pa.ipc.open_file(pa.BufferReader(bytes(data))).schema.metadata is not None
+    assert old_snap.verify() == []
+    np.testing.assert_array_equal(old_snap.read("w"), values)
+    old_snap.close()
+    at = bytes(data).find(values.tobytes())
+    data[at + 3] ^= 1
+    with open(path, "wb") as f:
+        f.write(data)
+    problems = Snapshot(path, ("m", 0, None)).verify()
+    assert any("file checksum" in p for p in problems)
+
+
+@dataclass
+class ListedSource:
+    """A source read from files that lists them first (names, sizes) and hashes later."""
+
+    items: list[TensorRecord]
+    listed: list[tuple[str, int]]
+    hashed: list[SourceFile]
+    label: str = "listed"
+    framework: str = "test"
+    threads: set[str] = field(default_factory=set)
+
+    def records(self) -> Iterator[TensorRecord]:
+        return iter(self.items)
+
+    def source_file_list(self) -> list[tuple[str, int]]:
+        return self.listed
+
+    def source_files(self) -> list[SourceFile]:
+        self.threads.add(threading.current_thread().name)
+        return self.hashed
+
+    def metadata(self) -> dict:
+        return {}
+
+    def nbytes(self) -> int:
+        return sum(r.data.nbytes for r in self.items)
+
+    def attachments(self) -> dict:
+        return {}
+
+
+def test_source_files_are_hashed_while_writing_and_filled_in(store: Store, rng):
+    """The sha256 learnt after the rows were written is in both metadata copies (the
+    footer, which readers use, and the header), and the file checksum covers it."""
+    import hashlib
+
+    import pyarrow as pa
+
+    items = [TensorRecord("w", rng.standard_normal((40, 30)).astype(np.float32))]
+    shas = [hashlib.sha256(b"a").hexdigest(), hashlib.sha256(b"b").hexdigest()]
+    src = ListedSource(items, [("a.bin", 10), ("b.bin", 20)],
+                       [SourceFile("a.bin", 10, shas[0]), SourceFile("b.bin", 20, shas[1])])
+    snap = store.write(src, "m")
+    assert src.threads and threading.current_thread().name not in src.threads
+    listing = f"{shas[0]}  a.bin\n{shas[1]}  b.bin\n"
+    assert snap.metadata["source_sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+    assert [f["sha256"] for f in snap.metadata["source_files"]] == shas
+    data = Path(snap.path).read_bytes()
+    header = pa.ipc.open_stream(pa.BufferReader(data[8:])).schema.metadata
+    footer = pa.ipc.open_file(pa.BufferReader(data)).schema.metadata
+    assert header == footer and shas[1].encode() in header[b"weightatlas"]
+    assert b"0" * 64 not in data
+    assert snap.verify() == []
+    snap.close()
+
+
+def test_source_files_that_differ_from_their_listing_are_refused(store: Store, rng):
+    items = [TensorRecord("w", rng.standard_normal((4, 3)).astype(np.float32))]
+    src = ListedSource(items, [("a.bin", 10)], [SourceFile("a.bin", 11, "1" * 64)])
+    with pytest.raises(IntegrityError, match=r"listed: the source files changed while they "
+                                             "were being ingested"):
+        store.write(src, "m")
+    assert _nothing_left(store) and _no_writer_threads()

@@ -17,8 +17,9 @@ checks, all made before any tensor byte is read:
   fits in the file.
 
 Each file is mapped once; tensors are read as views over the map, and the pages of
-a tensor already consumed are released (``MADV_DONTNEED``) so resident memory stays
-at about one tensor whatever the model's size. ``checksum`` is not verified (ONNX
+a tensor are released (``MADV_DONTNEED``) once the consumer has moved two tensors
+past it (the store writes one while it reads the next), so resident memory stays at
+about two tensors whatever the model's size. ``checksum`` is not verified (ONNX
 does not define over what it is taken, and onnx itself ignores it); ``basepath`` is
 ignored.
 """
@@ -189,6 +190,10 @@ class ExternalFiles:
         if stop > start:
             with contextlib.suppress(OSError, ValueError):
                 mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    def sizes(self) -> list[tuple[str, int]]:
+        """``(name, size)`` of every file, in the order of :meth:`hashes`."""
+        return [(f.name, f.ident[2]) for f in sorted(self.files.values(), key=lambda f: f.name)]
 
     def hashes(self, buf: bytearray) -> list[tuple[str, int, str]]:
         """``(name, size, sha256)`` of every file, in location order."""

@@ -68,7 +68,7 @@ def _as_numpy(value: Any) -> np.ndarray:
 class JaxSource:
     """JAX arrays as a :class:`~weightatlas.storage.TensorSource`; made by :func:`from_pytree`
     or :func:`read`. Records are views of the arrays (transposed where the canonical layout
-    asks) and may be iterated again; the arrays must not change between the two passes."""
+    asks) and may be iterated again; the arrays must not change while they are written."""
 
     framework = "jax"
 
@@ -110,6 +110,12 @@ class JaxSource:
                                    source_shape=p.source_shape, attrs=p.attrs)
             except WeightAtlasError as e:
                 raise type(e)(f"{self.label}: tensor {p.source_name!r}: {e}") from e
+
+    def source_file_list(self) -> list[tuple[str, int]]:
+        """The files :meth:`source_files` hashes, as ``(name, size)``, without hashing."""
+        if self._root is None:
+            return []
+        return [(rel, size) for rel, size, _, _, _ in self._file_facts]
 
     def source_files(self) -> list[SourceFile]:
         """The checkpoint file(s) with sha256, each re-checked against what was read."""

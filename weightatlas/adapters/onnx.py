@@ -135,11 +135,16 @@ class OnnxSource:
 
     def records(self) -> Iterator[TensorRecord]:
         """Yield one record per stored tensor, in model order, canonical layout."""
+        behind: list[Any] = []  # the previous record's external data
         for item in self._items:
             record = self._make(item)
             yield record
-            for s in _external(item.value):
+            # (the consumer may hold two records: released one record later)
+            for s in behind:
                 self._files.release(s)
+            behind = list(_external(item.value))
+        for s in behind:
+            self._files.release(s)
 
     def record(self, name: str) -> TensorRecord:
         """One tensor's record by its canonical name (computed now if it is folded)."""
@@ -156,6 +161,11 @@ class OnnxSource:
         except (ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
             raise FormatError(f"{self.label}: tensor {item.name!r} "
                               f"({item.value.name!r}): cannot read it: {e}") from e
+
+    def source_file_list(self) -> list[tuple[str, int]]:
+        """The files :meth:`source_files` hashes, as ``(name, size)``, without hashing."""
+        return [(os.path.basename(self._path), self._ident[2]),
+                *((n, size) for n, size in self._files.sizes())]
 
     def source_files(self) -> list[SourceFile]:
         """The model file then each external data file, with size and sha256."""

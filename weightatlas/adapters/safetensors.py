@@ -9,8 +9,9 @@ runs before any tensor byte is read, and each failure is a
 :class:`~weightatlas.errors.WeightAtlasError` naming the file and the tensor.
 
 Tensors are handed out as read-only NumPy views over one memory map per file. Pages
-of a tensor the consumer has moved past are released with ``MADV_DONTNEED`` (the
-page cache keeps them), so reading a many-GB file keeps the process RSS flat.
+of a tensor are released with ``MADV_DONTNEED`` (the page cache keeps them) once the
+consumer has moved two tensors past it (the store writes one tensor while it reads
+the next), so reading a many-GB file keeps the process RSS flat.
 """
 
 from __future__ import annotations
@@ -184,13 +185,15 @@ class SafetensorsSource:
         mm = shard.mm
         page = mmap.PAGESIZE
         released = 0
+        behind: int | None = None  # where the previous tensor starts
         for entry in shard.entries:
-            start = shard.data_start + entry.begin
-            if mm is not None:
-                floor = start - start % page
-                _drop(mm, released, floor)  # pages of the tensors the consumer moved past
+            if mm is not None and behind is not None:
+                # Pages of the tensors before the previous one: the consumer may hold two.
+                floor = behind - behind % page
+                _drop(mm, released, floor)
                 released = max(released, floor)
             yield self._record(shard, entry, mm)
+            behind = shard.data_start + entry.begin
         if mm is not None and not mm.closed:
             _drop(mm, released, len(mm))
 
@@ -222,6 +225,11 @@ class SafetensorsSource:
                                 source_layout=source_layout)
         except WeightAtlasError as e:
             raise type(e)(f"{shard.label}: {e}") from e
+
+    def source_file_list(self) -> list[tuple[str, int]]:
+        """The files :meth:`source_files` hashes, as ``(name, size)``, without hashing."""
+        files = [(self._index[0], len(self._index[1]))] if self._index is not None else []
+        return files + [(shard.name, shard.ident[2]) for shard in self._shards]
 
     def source_files(self) -> list[SourceFile]:
         """Every file read (the index first, then each shard), with size and sha256."""

@@ -42,8 +42,8 @@ class TorchSource:
 
     Made by :func:`read`, :func:`from_module` or :func:`from_state_dict`. Iterating
     :meth:`records` hands out views (of the memory-mapped file, or of the module's own
-    tensors) and may be repeated; a module must not change between the two passes of a
-    write (the store notices if it does).
+    tensors) and may be repeated; a module must not change while it is written (the
+    store checks each row against what it read, and notices if it does).
     """
 
     framework = "torch"
@@ -83,10 +83,21 @@ class TorchSource:
                                    source_shape=p.source_shape, attrs=p.attrs)
             except WeightAtlasError as e:
                 raise type(e)(f"{self.label}: {e}") from e
-            if self._archive is not None:  # pages of storages no later tensor uses
-                for key in self._release_after.get(i, ()):
-                    if key in self._storages:
-                        self._archive.release(self._storages[key])
+            if i:  # the consumer may hold two records: released one record later
+                self._release(i - 1)
+        self._release(len(self._planned) - 1)
+
+    def _release(self, i: int) -> None:
+        """Release the pages of storages no tensor after tensor ``i`` uses."""
+        if self._archive is not None:
+            for key in self._release_after.get(i, ()):
+                if key in self._storages:
+                    self._archive.release(self._storages[key])
+
+    def source_file_list(self) -> list[tuple[str, int]]:
+        """The file :meth:`source_files` hashes, as ``(name, size)``, without hashing."""
+        a = self._archive
+        return [] if a is None else [(os.path.basename(a.path), a.size)]
 
     def source_files(self) -> list[SourceFile]:
         """The checkpoint file with its sha256 (hashed through its own handle), or nothing."""

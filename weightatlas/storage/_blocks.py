@@ -80,15 +80,18 @@ def copy_c_order(dst: np.ndarray, src: np.ndarray) -> None:
                 d_k[r : r + _ROWS, c : c + _COLS] = s_k[r : r + _ROWS, c : c + _COLS]
 
 
-def c_blocks(array: np.ndarray, size: int = BLOCK, scratch: np.ndarray | None = None
-             ) -> Iterator[tuple[int, np.ndarray]]:
+def c_blocks(array: np.ndarray, size: int = BLOCK, scratch: np.ndarray | None = None,
+             into: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(offset, block)``: the array's values in C order, in consecutive 1-d blocks.
 
     ``offset`` is the flat index of the block's first value. A C-contiguous
     little-endian array yields views of ``size`` values (the last one shorter); any
     other array yields whole first-axis slices of about ``size`` values each, copied
     into ``scratch`` (a 1-d uint8 array, replaced by a new one when too small), so
-    each block is only valid until the next one is taken.
+    each block is only valid until the next one is taken. With ``into`` (a uint8
+    array of at least the array's byte size), each copied block goes to its own place
+    in ``into`` instead, which holds the whole array in C order at the end: one copy
+    that is both scanned block by block, while in cache, and kept.
 
     Example:
         >>> [(o, b.tolist()) for o, b in c_blocks(np.arange(6).reshape(2, 3).T)]
@@ -106,11 +109,17 @@ def c_blocks(array: np.ndarray, size: int = BLOCK, scratch: np.ndarray | None = 
     row = math.prod(array.shape[1:])
     rows = max(1, size // max(row, 1))
     need = min(rows, array.shape[0]) * row * dtype.itemsize
-    if scratch is None or scratch.nbytes < need:
+    if into is None and (scratch is None or scratch.nbytes < need):
         scratch = np.empty(need, np.uint8)
     for i in range(0, array.shape[0], rows):
         part = array[i : i + rows]
-        out = scratch[: part.size * dtype.itemsize].view(dtype).reshape(part.shape)
+        if into is None:
+            assert scratch is not None
+            place = scratch[: part.size * dtype.itemsize]
+        else:
+            start = i * row * dtype.itemsize
+            place = into[start : start + part.size * dtype.itemsize]
+        out = place.view(dtype).reshape(part.shape)
         if part.dtype == dtype:
             copy_c_order(out, part)
         else:  # big-endian: NumPy swaps the bytes as it copies

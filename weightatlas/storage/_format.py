@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "weightatlas.snapshot"
-FORMAT_VERSION = 1
+#: 2: the whole-file checksum hashes the header last (1: in file order).
+FORMAT_VERSION = 2
 #: Schema metadata key whose value is the snapshot's JSON metadata.
 METADATA_KEY = b"weightatlas"
 #: Byte boundary every ``data`` value starts on.

@@ -4,14 +4,18 @@ Each row's ``data`` has its own XXH3-128 (``checksum`` column), checked on every
 read. On top of that, the file as a whole has an XXH3-128 stored *inside* it, in
 the snapshot metadata under ``file_checksum``. Arrow writes that metadata twice (in
 the schema message at the start of the file and in the footer), so the digest is
-computed over the file with both copies of its own 32 hex digits replaced by
-:data:`PLACEHOLDER`, then written into both places. ``verify`` recomputes it, so a
-flipped byte anywhere (data, statistics, padding, Arrow framing) is caught.
+computed with both copies of its own 32 hex digits read as :data:`PLACEHOLDER`, then
+written into both places. ``verify`` recomputes it, so a flipped byte anywhere (data,
+statistics, padding, Arrow framing) is caught.
 
-The writer writes the file through a :class:`DigestingFile`, which hashes every byte
-on its way out (the placeholders are what is written), so that
-:func:`finalize_file_checksum` need not read the new file back; it still does when the
-file is not the one the digest was taken of (another inode, size or time).
+Format 2 takes the file's bytes *header last*: from the end of the schema message to
+the end of the file, then the magic and schema message. The writer learns some of
+the header's values (the source files' sha256, the content digest) only once every
+row is written; it writes placeholders of the same width, hashes every row as it
+goes out through a :class:`DigestingFile`, and :func:`finalize_file_checksum` then
+puts the real values in both metadata copies and hashes only the footer and the
+header, never reading the rows back. Format 1 files (in order, from byte 0) are
+still verified.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import xxhash
@@ -47,15 +52,7 @@ def file_checksum_positions(read: Callable[[int, int], bytes], size: int, path: 
     the footer, whose length is the int32 before the closing magic. ``read(offset, n)``
     returns ``n`` bytes of the file from ``offset``.
     """
-    if size < 16 + _TAIL or read(0, 6) != b"ARROW1" or read(size - 6, 6) != b"ARROW1":
-        raise IntegrityError(f"{path}: not an Arrow IPC file (magic bytes missing or damaged)")
-    (schema_len,) = struct.unpack("<i", read(12, 4))
-    (footer_len,) = struct.unpack("<i", read(size - _TAIL, 4))
-    head_end = 16 + schema_len
-    foot_start = size - _TAIL - footer_len
-    if schema_len <= 0 or footer_len <= 0 or head_end > size or foot_start < head_end:
-        raise IntegrityError(f"{path}: Arrow framing is damaged (schema length {schema_len}, "
-                             f"footer length {footer_len}, file size {size})")
+    head_end, foot_start = _regions(read, size, path)
     positions = []
     for lo, hi in ((8, head_end), (foot_start, size - _TAIL)):
         at = read(lo, hi - lo).find(_KEY)
@@ -81,8 +78,23 @@ def _pread_all(fd: int) -> Callable[[int, int], bytes]:
     return read
 
 
-def _digest(fd: int, size: int, positions: list[int]) -> str:
-    """XXH3-128 of the file with the checksum copies read as the placeholder.
+def _regions(read: Callable[[int, int], bytes], size: int, path: str) -> tuple[int, int]:
+    """``(header_end, footer_start)``: where the schema message ends and the footer begins."""
+    if size < 16 + _TAIL or read(0, 6) != b"ARROW1" or read(size - 6, 6) != b"ARROW1":
+        raise IntegrityError(f"{path}: not an Arrow IPC file (magic bytes missing or damaged)")
+    (schema_len,) = struct.unpack("<i", read(12, 4))
+    (footer_len,) = struct.unpack("<i", read(size - _TAIL, 4))
+    head_end = 16 + schema_len
+    foot_start = size - _TAIL - footer_len
+    if schema_len <= 0 or footer_len <= 0 or head_end > size or foot_start < head_end:
+        raise IntegrityError(f"{path}: Arrow framing is damaged (schema length {schema_len}, "
+                             f"footer length {footer_len}, file size {size})")
+    return head_end, foot_start
+
+
+def _digest(fd: int, size: int, positions: list[int], start: int = 0) -> str:
+    """XXH3-128 of the file from ``start`` to its end, then its first ``start`` bytes,
+    with the checksum copies at ``positions`` read as the placeholder.
 
     The file is streamed through one reusable buffer (``readinto``), never mapped,
     so hashing a many-GB snapshot adds nothing to the process's resident memory.
@@ -90,16 +102,18 @@ def _digest(fd: int, size: int, positions: list[int]) -> str:
     h = xxhash.xxh3_128()
     buf = bytearray(_BLOCK)
     view = memoryview(buf)
-    spans = []
-    start = 0
-    for pos in positions:
-        spans.append((start, pos))
-        start = pos + len(PLACEHOLDER)
-    spans.append((start, size))
+    spans: list[tuple[int, int] | None] = []  # None: the placeholder
+    for lo, hi in ((start, size), (0, start)):
+        for pos in sorted(p for p in positions if lo <= p < hi):
+            spans += [(lo, pos), None]
+            lo = pos + len(PLACEHOLDER)
+        spans.append((lo, hi))
     with open(fd, "rb", buffering=0, closefd=False) as f:
-        for i, (lo, hi) in enumerate(spans):
-            if i:
+        for span in spans:
+            if span is None:
                 h.update(PLACEHOLDER.encode())
+                continue
+            lo, hi = span
             f.seek(lo)
             left = hi - lo
             while left > 0:
@@ -115,8 +129,11 @@ def _digest(fd: int, size: int, positions: list[int]) -> str:
 class DigestingFile(io.RawIOBase):
     """A new file, written in full on every call, whose XXH3-128 is taken as it is written.
 
-    Once closed, :meth:`remember` hands its digest to :func:`finalize_file_checksum`,
-    which checks it is still the same file (inode, size, modification time).
+    The first ``skip`` bytes (the header, hashed last in format 2) are written but not
+    hashed. :meth:`mark` notes where the rows end (what follows, the footer, may still
+    be completed, so it is hashed at the end). Once closed, :meth:`remember` hands the
+    state to :func:`finalize_file_checksum`, which checks it is still the same file
+    (inode, size, modification time).
 
     Example:
         >>> with DigestingFile(str(tmp / "f")) as f:
@@ -126,13 +143,15 @@ class DigestingFile(io.RawIOBase):
         True
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, skip: int = 0) -> None:
         super().__init__()
         self.path = path
         self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in close())
         self._hash = xxhash.xxh3_128()
+        self._skip = skip
         self.size = 0
-        self.digest: str | None = None
+        self.digest: str | None = None  #: of the bytes after ``skip``, once closed
+        self._mark: tuple[int, Any] | None = None
         self._flushed = 0
 
     def writable(self) -> bool:
@@ -143,19 +162,24 @@ class DigestingFile(io.RawIOBase):
         done = 0
         while done < len(view):  # a short write is finished here, never left to the caller
             done += self._file.write(view[done:]) or 0
-        self._hash.update(view)
+        unhashed = self._skip - self.size
+        self._hash.update(view if unhashed <= 0 else view[unhashed:])
         self.size += len(view)
         return len(view)
 
     def tell(self) -> int:
         return self.size
 
+    def mark(self) -> None:
+        """Note that everything written so far is final (the rows); the rest is not yet."""
+        self._mark = (self.size, self._hash.copy())
+
     def start_writeback(self, at_least: int = 32 << 20) -> None:
         """Have the kernel start writing out what was written so far (Linux; else nothing).
 
-        Called from a thread other than the writing one, so the file system's work for
-        these pages (block allocation, starting the I/O) is done there, not in the
-        ``close`` and ``fsync`` that end the write: those then find little left.
+        Called between rows, so the file system's work for these pages (block
+        allocation, starting the I/O) is spread over the write rather than left to
+        the ``close`` and ``fsync`` that end it.
         """
         end = self.size
         if end - self._flushed < at_least or self.closed:
@@ -172,12 +196,12 @@ class DigestingFile(io.RawIOBase):
         super().close()
 
     def remember(self) -> None:
-        """Record the digest of the closed, complete file for :func:`finalize_file_checksum`."""
-        if self.digest is None:
-            raise ValueError(f"{self.path}: DigestingFile.remember before close")
+        """Hand the digest state of the closed file to :func:`finalize_file_checksum`."""
+        if self.digest is None or self._mark is None:
+            raise ValueError(f"{self.path}: DigestingFile.remember before mark and close")
         st = os.stat(self.path)
         with _LOCK:
-            _STREAMED[self.path] = (_identity(st), self.digest)
+            _STREAMED[self.path] = _Streamed(_identity(st), self._skip, *self._mark)
 
 
 def file_checksum_of(path: str) -> str:
@@ -206,19 +230,31 @@ def _sync_file_range() -> Any:
     return _SYNC or None
 
 
+@dataclass(frozen=True)
+class _Streamed:
+    identity: tuple[int, int, int, int]
+    skip: int  #: bytes not hashed at the start (the header)
+    mark: int  #: the hashed bytes end here
+    state: Any  #: XXH3-128 of the bytes from ``skip`` to ``mark``
+
+
 _LOCK = threading.Lock()
-_STREAMED: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+_STREAMED: dict[str, _Streamed] = {}
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def finalize_file_checksum(path: str) -> str:
-    """Compute the digest of a freshly written snapshot, write it into both copies, fsync.
+def finalize_file_checksum(path: str, complete: tuple[bytes, bytes] | None = None) -> str:
+    """Complete a freshly written snapshot: its late metadata, its digest, then fsync.
 
-    The digest a :class:`DigestingFile` took while writing ``path`` is used when the file
-    is still that file; otherwise the file is read back and hashed.
+    ``complete`` is ``(placeholder_json, final_json)``: the snapshot metadata as written
+    (with placeholders for what was learnt while writing) and as it must read, of the
+    same length; both copies, in the header and in the footer, are replaced. Then the
+    digest (format 2 order) is written into both ``file_checksum`` copies. The state a
+    :class:`DigestingFile` kept is used when the file is still the one it wrote (only the
+    footer and the header are then read); otherwise the whole file is read back.
     """
     with _LOCK:
         streamed = _STREAMED.pop(path, None)
@@ -227,14 +263,30 @@ def finalize_file_checksum(path: str) -> str:
         st = os.fstat(fd)
         size = st.st_size
         read = _pread_all(fd)
+        head_end, foot_start = _regions(read, size, path)
+        if complete is not None:
+            old, new = complete
+            if len(old) != len(new):
+                raise ValueError("finalize_file_checksum: the completed metadata changed length")
+            for lo, hi in ((8, head_end), (foot_start, size - _TAIL)):
+                region = read(lo, hi - lo)
+                at = region.find(old)
+                if at < 0 or region.find(old, at + 1) >= 0:
+                    raise IntegrityError(f"{path}: the metadata to complete is not in the "
+                                         "file once (this is a weightatlas bug; please report it)")
+                os.pwrite(fd, new, lo + at)
         positions = file_checksum_positions(read, size, path)
         for pos in positions:
             if read(pos, len(PLACEHOLDER)) != PLACEHOLDER.encode():
                 raise IntegrityError(f"{path}: file checksum placeholder not found")
-        if streamed is not None and streamed[0] == _identity(st):
-            digest = streamed[1]
+        if (streamed is not None and streamed.identity == _identity(st)
+                and streamed.skip == head_end and streamed.mark <= foot_start):
+            h = streamed.state.copy()
+            h.update(read(streamed.mark, size - streamed.mark))  # the footer, completed
+            h.update(read(0, head_end))  # the header, completed
+            digest = h.hexdigest()
         else:
-            digest = _digest(fd, size, positions)
+            digest = _digest(fd, size, positions, start=head_end)
         for pos in positions:
             os.pwrite(fd, digest.encode(), pos)
         os.fsync(fd)
@@ -243,8 +295,11 @@ def finalize_file_checksum(path: str) -> str:
     return digest
 
 
-def file_checksum(path: str) -> tuple[str, str]:
-    """Return ``(stored, actual)`` file digests of a snapshot (equal when intact)."""
+def file_checksum(path: str, header_last: bool = True) -> tuple[str, str]:
+    """Return ``(stored, actual)`` file digests of a snapshot (equal when intact).
+
+    ``header_last`` is the order of format 2 (False for a format 1 snapshot).
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -253,9 +308,10 @@ def file_checksum(path: str) -> tuple[str, str]:
         size = os.fstat(fd).st_size
         read = _pread_all(fd)
         positions = file_checksum_positions(read, size, path)
+        head_end = _regions(read, size, path)[0] if header_last else 0
         stored = {read(p, len(PLACEHOLDER)).decode("ascii", "replace") for p in positions}
         try:
-            actual = _digest(fd, size, positions)
+            actual = _digest(fd, size, positions, start=head_end)
         except IntegrityError as e:
             raise IntegrityError(f"{path}: {e}") from None
     except OSError as e:

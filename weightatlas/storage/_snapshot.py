@@ -455,7 +455,8 @@ class Snapshot:
         Returns the problems found, empty when the snapshot is intact.
         """
         problems = []
-        stored, actual = file_checksum(self.path)
+        stored, actual = file_checksum(
+            self.path, header_last=int(self.metadata.get("format_version", 1)) >= 2)
         if stored != actual:
             problems.append(f"{self.path}: file checksum {actual} does not match the stored "
                             f"{stored}")

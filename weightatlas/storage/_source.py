@@ -1,10 +1,16 @@
 """The source protocol: what the store needs from an adapter to write a snapshot.
 
 An adapter opens a file (or a live model) and returns a :class:`TensorSource`. The
-store iterates it twice: once to compute statistics and checksums, once to write
-(so the snapshot's metadata, which Arrow writes first, can hold everything). A
-source must therefore be re-iterable, and should hand out one tensor at a time as
-views (over a memory map, say) so that memory stays flat.
+store iterates it twice: once for the names, shapes and dtypes only (so the
+snapshot's metadata, which Arrow writes first, can be laid out), once to read every
+tensor and write it. A source must therefore be re-iterable, and should hand out one
+tensor at a time as views (over a memory map, say) so that memory stays flat. The
+store writes one tensor while it reads the next, so a source may release a tensor's
+memory only once the tensor after the next one is asked for.
+
+A source read from files may also offer ``source_file_list()``: the ``(name, size)``
+of each file :meth:`~TensorSource.source_files` will hash, in the same order, without
+hashing them. The store then hashes them while it writes, instead of before.
 
 It is a ``Protocol``, not a base class, so that an adapter needs no import from the
 store beyond :class:`~weightatlas.storage.TensorRecord` to implement it (onnx-ir

@@ -57,15 +57,14 @@ from weightatlas.storage._format import (
     check_name,
     decode_metadata,
 )
-from weightatlas.storage._integrity import PLACEHOLDER, finalize_file_checksum
 from weightatlas.storage._mmap import map_file
 from weightatlas.storage._refs import SnapshotInfo, file_name, parse_file_name, parse_ref, ref
 from weightatlas.storage._snapshot import Snapshot
 from weightatlas.storage._source import TensorSource
 from weightatlas.storage._writer import (
     Progress,
-    plan_snapshot,
-    snapshot_metadata,
+    layout_of,
+    scan_digest,
     write_snapshot_file,
 )
 
@@ -307,24 +306,18 @@ class Store:
                report: Progress) -> Snapshot:
         identity = (model, step, tag)
         clean_staging(self.root)
-        plan = plan_snapshot(source, model, step, tag, chunk_bytes, report)
+        layout = layout_of(source, chunk_bytes)
         attachments = {check_attachment_name(k): bytes(v)
                        for k, v in dict(source.attachments()).items()}
         attached = {k: {"sha256": hashlib.sha256(v).hexdigest(), "size": len(v)}
                     for k, v in sorted(attachments.items())}
-        if attached:  # attachments are content too
-            plan.content_digest = hashlib.sha256(
-                (plan.content_digest + json.dumps(attached, sort_keys=True)).encode()
-            ).hexdigest()
         existing = self._existing_digest(final)
         if existing is not None and not overwrite:
-            if existing == plan.content_digest:
+            # The same tensors again are a no-op, others an error: read, write nothing.
+            if existing == scan_digest(source, layout, model, step, tag, attached, report):
                 return Snapshot(final, identity)
             raise SnapshotExistsError(self._conflict(final, label, source.label, existing))
         created = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
-        meta = snapshot_metadata(plan, source, model, step, tag, created, chunk_bytes)
-        meta["file_checksum"] = PLACEHOLDER
-        meta["attachments"] = attached
         model_dir = os.path.dirname(final)
         make_dirs(model_dir, self.root)
         # Blobs first, and the blob lock held shared until the snapshot is published, so
@@ -333,12 +326,12 @@ class Store:
             for data in attachments.values():
                 write_blob(self.root, model_dir, data)
             with staging_file(self.root) as staging:
-                write_snapshot_file(staging, source, plan, meta, report)
-                finalize_file_checksum(staging)
+                digest = write_snapshot_file(staging, source, layout, model, step, tag,
+                                             created, attached, report)
                 if not publish(staging, final, overwrite=overwrite):
                     # Another writer created it between our check and our commit.
                     existing = self._existing_digest(final)
-                    if existing == plan.content_digest:
+                    if existing == digest:
                         return Snapshot(final, identity)
                     raise SnapshotExistsError(
                         self._conflict(final, label, source.label, existing))

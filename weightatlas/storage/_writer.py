@@ -1,31 +1,36 @@
-"""Writing one snapshot file from a tensor source, in two passes.
+"""Writing one snapshot file from a tensor source, in one pass over the tensor bytes.
 
-Pass 1 reads every tensor once to compute its statistics and the checksum of each
-chunk (the source files' sha256 is computed at the same time on a worker thread).
-The tensor is read in C-order blocks (``_stats.blocks``) that feed both while they
-are in cache, so a strided tensor (a transposed view, say) is only ever copied a
-block at a time in this pass.
-Pass 2 writes the Arrow IPC file: the schema metadata, which Arrow writes first,
-can then hold everything (source hash, content digest, totals), and every row is
-written straight from the source's memory (a memory map, usually) to the file, or,
-for a strided tensor, from one canonical copy. A worker thread prepares the next row
-(the copy, the checksum) while the file is written, with two buffers taking turns, so
-memory stays at about two chunks (``_rows``). The file is written through a
-``DigestingFile`` (``_integrity``), so its whole-file checksum needs no second read.
-Pass 2 checks each chunk's checksum again, so a source that changes between the
-passes is an error, never a silently wrong snapshot.
+A first, cheap pass over the source's records reads only names, shapes and dtypes:
+enough to lay out the rows (chunks) and every value of the snapshot metadata that
+Arrow writes first, except those known only once every byte was read: the source
+files' sha256 (computed meanwhile on a worker thread), the content digest and the
+whole-file checksum. Those are written as placeholders of the same width and filled
+in at the end (``_integrity.finalize_file_checksum``), which is why the file checksum
+of format 2 hashes the header last.
+
+Then each tensor is read once: its statistics and the checksum of each chunk are
+taken block by block (``_stats.blocks``) while the block is in cache, and its row is
+written right after, straight from the source's memory (a memory map, usually) or,
+for a strided tensor (a transposed weight), from the one C-order copy those blocks
+were copied into. A tensor split into several chunks is read twice (statistics
+first, since every chunk's row holds those of the whole tensor) and each chunk's
+checksum is checked again as it is written; so is every row written from the
+source's memory, so a source that changes meanwhile is an error, never a silently
+wrong snapshot. The file is written through a
+``DigestingFile``, so its whole-file checksum needs no second read of the rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +38,7 @@ import pyarrow as pa
 import xxhash
 
 from weightatlas._version import __version__
-from weightatlas.errors import ShapeError, StoreError, WeightAtlasError
+from weightatlas.errors import IntegrityError, ShapeError, StoreError, WeightAtlasError
 from weightatlas.storage._blocks import is_c_order_le
 from weightatlas.storage._format import (
     ALIGNMENT,
@@ -46,19 +51,25 @@ from weightatlas.storage._format import (
     STAT_COLUMNS,
     encode_metadata,
 )
-from weightatlas.storage._integrity import DigestingFile
+from weightatlas.storage._integrity import PLACEHOLDER, DigestingFile, finalize_file_checksum
 from weightatlas.storage._mmap import map_file
-from weightatlas.storage._rows import chunk_of, prepared_rows
+from weightatlas.storage._record import TensorRecord
+from weightatlas.storage._rows import chunk_bytes_of
 from weightatlas.storage._source import SourceFile, TensorSource
 from weightatlas.storage._stats import BLOCK, StatsBuilder, TensorStats, blocks
 
-__all__ = ["Progress", "SnapshotPlan", "plan_snapshot", "write_snapshot_file"]
+__all__ = ["Layout", "Progress", "chunk_rows", "layout_of", "scan_digest", "snapshot_metadata",
+           "write_snapshot_file"]
 
 #: ``progress(phase, nbytes, total)`` is called as bytes are checked (phase "read") and
 #: written ("write"); ``nbytes`` is the increment, ``total`` the source's size in bytes.
 Progress = Callable[[str, int, int], None]
 
 _MARKER = b"weightatlas-alignment-marker-0123456789abcdef-fedcba9876543210!!"
+#: Bytes Arrow gathers before handing them to the file.
+_BUFFER = 1 << 20
+#: What a sha256 (source files, content digest) reads as until it is known.
+_LATER = "0" * 64
 
 
 def _no_progress(phase: str, nbytes: int, total: int) -> None:
@@ -88,16 +99,70 @@ def chunk_rows(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> list[
     return [(s, min(per, rows - s)) for s in range(0, rows, per)]
 
 
-def _scan(data: np.ndarray, chunks: list[tuple[int, int]], scratch: np.ndarray
-          ) -> tuple[TensorStats, list[str]]:
-    """One pass over a tensor: its statistics and the XXH3-128 of each chunk's bytes."""
+@dataclass
+class Layout:
+    """What the snapshot will hold, from the records' names, shapes and dtypes alone."""
+
+    tensors: list[tuple[str, tuple[int, ...], str]]  #: name, shape, dtype of each record
+    chunks: list[list[tuple[int, int]]]  #: each record's chunks
+    chunk_bytes: int
+    n_params: int
+    nbytes: int
+
+    @property
+    def row_names(self) -> list[str]:
+        return [name for (name, _, _), c in zip(self.tensors, self.chunks, strict=True)
+                for _ in c]
+
+    def check(self, i: int, rec: TensorRecord, label: str) -> list[tuple[int, int]]:
+        """Record ``i`` of the writing pass, checked against the layout; its chunks."""
+        if i >= len(self.tensors) or self.tensors[i][0] != rec.name:
+            raise IntegrityError(f"{label}: the source changed while it was being ingested "
+                                 f"(tensor {rec.name!r} out of place)")
+        if self.tensors[i] != (rec.name, tuple(rec.data.shape), str(rec.data.dtype)):
+            raise IntegrityError(f"{label}: tensor {rec.name!r} changed shape or dtype while "
+                                 "it was being ingested")
+        return self.chunks[i]
+
+    def check_done(self, n: int, label: str) -> None:
+        if n != len(self.tensors):
+            raise IntegrityError(f"{label}: the source changed while it was being ingested "
+                                 f"(tensor {self.tensors[n][0]!r} missing)")
+
+
+def layout_of(source: TensorSource, chunk_bytes: int) -> Layout:
+    """The records' names, shapes and chunks, without reading any tensor's bytes."""
+    layout = Layout([], [], chunk_bytes, 0, 0)
+    seen: set[str] = set()
+    for rec in source.records():
+        if rec.name in seen:
+            raise StoreError(f"{source.label}: tensor {rec.name!r} appears twice")
+        seen.add(rec.name)
+        try:
+            chunks = chunk_rows(rec.shape, rec.data.dtype.itemsize, chunk_bytes)
+        except ShapeError as e:
+            raise ShapeError(f"{source.label}: tensor {rec.name!r}: {e}") from None
+        layout.tensors.append((rec.name, tuple(rec.data.shape), str(rec.data.dtype)))
+        layout.chunks.append(chunks)
+        layout.n_params += rec.data.size
+        layout.nbytes += rec.data.nbytes
+    return layout
+
+
+def _scan(data: np.ndarray, chunks: list[tuple[int, int]], scratch: np.ndarray,
+          into: np.ndarray | None = None) -> tuple[TensorStats, list[str]]:
+    """One pass over a tensor: its statistics and the XXH3-128 of each chunk's bytes.
+
+    With ``into``, a strided tensor's blocks are copied there (``c_blocks``), which then
+    holds the tensor in C order.
+    """
     builder = StatsBuilder(data.dtype)
     row = math.prod(data.shape[1:]) if data.ndim else 1
     itemsize = data.dtype.itemsize
     ends = [(start + count) * row for start, count in chunks]
     hashers = [xxhash.xxh3_128() for _ in chunks]
     k = 0
-    for offset, block in blocks(data, scratch):
+    for offset, block in blocks(data, scratch, into):
         builder.add(block)
         raw = block.view(np.uint8)
         pos, end = offset, offset + block.size
@@ -110,109 +175,118 @@ def _scan(data: np.ndarray, chunks: list[tuple[int, int]], scratch: np.ndarray
     return builder.result(), [h.hexdigest() for h in hashers]
 
 
-@dataclass
-class SnapshotPlan:
-    """Everything pass 1 learnt: one small-column row per chunk, and the totals."""
+def _row_values(rec: TensorRecord, model: str, step: int | None, tag: str | None,
+                chunks: list[tuple[int, int]], stats: dict[str, Any], sums: list[str]
+                ) -> list[dict[str, Any]]:
+    """The small columns (``INFO_COLUMNS``) of each of a tensor's rows."""
+    attrs = json.dumps(dict(rec.attrs), sort_keys=True)
+    row = math.prod(rec.shape[1:]) if rec.shape else 1
+    itemsize = rec.data.dtype.itemsize
+    out = []
+    for i, (start, count) in enumerate(chunks):
+        values = {
+            "model": model, "step": step, "tag": tag, "name": rec.name,
+            "source_name": rec.source_name, "module": rec.module, "param": rec.param,
+            "kind": rec.kind, "dtype": rec.dtype, "shape": list(rec.shape),
+            "layout": list(rec.layout), "source_layout": list(rec.source_layout),
+            "source_shape": list(rec.source_shape), "chunk": i, "n_chunks": len(chunks),
+            "row_start": start, "row_count": count,
+            "nbytes": (count * row if rec.shape else 1) * itemsize, "attrs": attrs,
+            "checksum": sums[i],
+        }
+        values.update((key, stats[key]) for key, _ in STAT_COLUMNS)
+        out.append(values)
+    return out
 
-    rows: pa.Table  #: the INFO_COLUMNS of every row, in file order
-    content_digest: str
-    n_tensors: int
-    n_params: int
-    nbytes: int
-    source_files: list[SourceFile]
-    #: per row: its bytes are not in C order in the source (pass 2 copies them)
-    strided: list[bool] = field(default_factory=list)
+
+_DIGEST_KEYS = ("name", "kind", "dtype", "shape", "layout", "source_layout", "source_shape",
+                "chunk", "attrs", "checksum")
 
 
-def _analyse(
-    source: TensorSource, model: str, step: int | None, tag: str | None, chunk_bytes: int,
-    progress: Progress,
-) -> tuple[dict[str, list[Any]], list[bool], int, int, int]:
-    cols: dict[str, list[Any]] = {c: [] for c in INFO_COLUMNS}
-    strided: list[bool] = []
-    expected_total = source.nbytes()
-    seen: set[str] = set()
-    n_tensors = n_params = total = 0
+class _ContentDigest:
+    """A content digest over what defines the tensors (not when or how they were
+    ingested), fed row by row; attachments are content too."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self._h.update(json.dumps([row[k] for k in _DIGEST_KEYS]).encode())
+            self._h.update(b"\n")
+
+    def result(self, attached: dict[str, Any]) -> str:
+        digest = self._h.hexdigest()
+        if attached:
+            digest = hashlib.sha256(
+                (digest + json.dumps(attached, sort_keys=True)).encode()).hexdigest()
+        return digest
+
+
+def _analysed(source: TensorSource, layout: Layout, model: str, step: int | None,
+              tag: str | None, progress: Progress, keep: bool,
+              before_next: Callable[[int], None] | None = None,
+              ) -> Iterator[tuple[TensorRecord, list[dict[str, Any]], np.ndarray | None]]:
+    """Each record with its rows' small columns, read once.
+
+    With ``keep``, a one-chunk strided tensor is also copied into C order (else None
+    is handed out): two buffers take turns, so the copy of record ``i`` stays valid
+    until record ``i + 2`` is read. ``before_next(i)`` is called before record ``i`` is
+    asked of the source (which may then release record ``i - 2``).
+    """
     scratch = np.empty(BLOCK * 8, np.uint8)  # one block of any dtype, reused
-    for rec in source.records():
-        if rec.name in seen:
-            raise StoreError(f"{source.label}: tensor {rec.name!r} appears twice")
-        seen.add(rec.name)
+    wholes = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+    total = layout.nbytes
+    records = iter(source.records())
+    i = 0
+    while True:
+        if before_next is not None:
+            before_next(i)
+        rec = next(records, None)
+        if rec is None:
+            break
+        chunks = layout.check(i, rec, source.label)
+        into = None
+        if keep and len(chunks) == 1 and rec.data.ndim and not is_c_order_le(rec.data):
+            if wholes[i % 2].nbytes < rec.data.nbytes:
+                wholes[i % 2] = np.empty(0, np.uint8)  # (the old one is freed first)
+                wholes[i % 2] = np.empty(rec.data.nbytes, np.uint8)
+            into = wholes[i % 2][: rec.data.nbytes]
         try:
-            chunks = chunk_rows(rec.shape, rec.data.dtype.itemsize, chunk_bytes)
-        except ShapeError as e:
-            raise ShapeError(f"{source.label}: tensor {rec.name!r}: {e}") from None
-        try:
-            stats_, sums = _scan(rec.data, chunks, scratch)
+            stats, sums = _scan(rec.data, chunks, scratch, into)
         except (ValueError, TypeError, OverflowError) as e:
             raise StoreError(f"{source.label}: tensor {rec.name!r}: statistics failed: {e}") from e
-        stats = stats_.as_dict()
-        attrs = json.dumps(dict(rec.attrs), sort_keys=True)
-        row = math.prod(rec.shape[1:]) if rec.shape else 1
-        itemsize = rec.data.dtype.itemsize
-        for i, (start, count) in enumerate(chunks):
-            fixed = {
-                "model": model, "step": step, "tag": tag, "name": rec.name,
-                "source_name": rec.source_name, "module": rec.module, "param": rec.param,
-                "kind": rec.kind, "dtype": rec.dtype, "shape": list(rec.shape),
-                "layout": list(rec.layout), "source_layout": list(rec.source_layout),
-                "source_shape": list(rec.source_shape), "chunk": i, "n_chunks": len(chunks),
-                "row_start": start, "row_count": count,
-                "nbytes": (count * row if rec.shape else 1) * itemsize, "attrs": attrs,
-                "checksum": sums[i],
-            }
-            for key, value in fixed.items():
-                cols[key].append(value)
-            for key, _ in STAT_COLUMNS:
-                cols[key].append(stats[key])
-            strided.append(not is_c_order_le(chunk_of(rec, start, count)))
-        n_tensors += 1
-        n_params += rec.data.size
-        total += rec.data.nbytes
-        progress("read", rec.data.nbytes, expected_total)
-    return cols, strided, n_tensors, n_params, total
+        progress("read", rec.data.nbytes, total)
+        yield rec, _row_values(rec, model, step, tag, chunks, stats.as_dict(), sums), into
+        del rec, into
+        i += 1
+    layout.check_done(i, source.label)
 
 
-def _digest(cols: dict[str, list[Any]]) -> str:
-    """A content digest over what defines the tensors (not when or how they were ingested)."""
-    h = hashlib.sha256()
-    keys = ("name", "kind", "dtype", "shape", "layout", "source_layout", "source_shape",
-            "chunk", "attrs", "checksum")
-    for i in range(len(cols["name"])):
-        h.update(json.dumps([cols[k][i] for k in keys]).encode())
-        h.update(b"\n")
-    return h.hexdigest()
+def scan_digest(source: TensorSource, layout: Layout, model: str, step: int | None,
+                tag: str | None, attached: dict[str, Any], progress: Progress = _no_progress
+                ) -> str:
+    """The content digest a snapshot of ``source`` would have, reading without writing."""
+    digest = _ContentDigest()
+    for _, rows, _ in _analysed(source, layout, model, step, tag, progress, keep=False):
+        digest.add_rows(rows)
+    return digest.result(attached)
 
 
-def plan_snapshot(
-    source: TensorSource, model: str, step: int | None, tag: str | None, chunk_bytes: int,
-    progress: Progress = _no_progress,
-) -> SnapshotPlan:
-    """Pass 1: statistics and checksums of every chunk; the source hashed in parallel."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightatlas-sha256") as pool:
-        hashing = pool.submit(source.source_files)
-        try:
-            cols, strided, n_tensors, n_params, total = _analyse(
-                source, model, step, tag, chunk_bytes, progress
-            )
-        finally:
-            try:
-                files = hashing.result()
-            except WeightAtlasError:
-                raise
-            except OSError as e:
-                raise StoreError(f"{source.label}: cannot hash source files: {e}") from e
-    schema = pa.schema([SCHEMA.field(c) for c in INFO_COLUMNS])
-    rows = pa.Table.from_pydict(cols, schema=schema)
-    return SnapshotPlan(rows, _digest(cols), n_tensors, n_params, total, files, strided)
+def _hashed(source: TensorSource) -> list[SourceFile]:
+    try:
+        return list(source.source_files())
+    except WeightAtlasError:
+        raise
+    except OSError as e:
+        raise StoreError(f"{source.label}: cannot hash source files: {e}") from e
 
 
 def snapshot_metadata(
-    plan: SnapshotPlan, source: TensorSource, model: str, step: int | None, tag: str | None,
-    created: str, chunk_bytes: int,
+    layout: Layout, source: TensorSource, files: list[SourceFile], content_digest: str,
+    model: str, step: int | None, tag: str | None, created: str, attached: dict[str, Any],
 ) -> dict[str, Any]:
     """The JSON document stored as the snapshot's schema metadata."""
-    files = plan.source_files
     if len(files) == 1:
         source_sha = files[0].sha256
     elif files:  # several files: sha256 of a sha256sum-style listing
@@ -220,6 +294,7 @@ def snapshot_metadata(
         source_sha = hashlib.sha256(listing.encode()).hexdigest()
     else:
         source_sha = None
+    row_names = layout.row_names
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -236,15 +311,17 @@ def snapshot_metadata(
         "package_version": __version__,
         "checksum": CHECKSUM_ALGORITHM,
         "alignment": ALIGNMENT,
-        "chunk_bytes": chunk_bytes,
-        "content_digest": plan.content_digest,
-        "n_tensors": plan.n_tensors,
-        "n_rows": plan.rows.num_rows,
-        "n_params": plan.n_params,
-        "nbytes": plan.nbytes,
+        "chunk_bytes": layout.chunk_bytes,
+        "content_digest": content_digest,
+        "n_tensors": len(layout.tensors),
+        "n_rows": len(row_names),
+        "n_params": layout.n_params,
+        "nbytes": layout.nbytes,
         # The tensor of every row, in row order: a reader finds a tensor's rows from the
         # footer alone, without reading every row's columns.
-        "row_names": plan.rows.column("name").to_pylist(),
+        "row_names": row_names,
+        "attachments": attached,
+        "file_checksum": PLACEHOLDER,
     }
 
 
@@ -256,43 +333,159 @@ def _data_array(buf: np.ndarray | bytes) -> pa.Array:
     )
 
 
+_INFO_SCHEMA = pa.schema([SCHEMA.field(c) for c in INFO_COLUMNS])
+
+
 def write_snapshot_file(
-    fd_path: str, source: TensorSource, plan: SnapshotPlan, metadata: dict[str, Any],
-    progress: Progress = _no_progress,
-) -> None:
-    """Pass 2: write the snapshot to ``fd_path`` (a fresh file), every data value 64-aligned."""
-    schema = SCHEMA.with_metadata(encode_metadata(metadata))
-    header_len = 8 + len(schema.serialize())  # magic + schema message, written lazily
-    # Every byte is hashed on its way to the file, so the whole-file checksum needs no
-    # second read of it (finalize_file_checksum).
-    raw = DigestingFile(fd_path)
-    with raw, pa.PythonFile(raw, mode="w") as sink, pa.ipc.new_file(sink, schema) as writer:
-        rows = prepared_rows(source, plan, raw.start_writeback)
-        with contextlib.closing(rows):  # the worker is stopped before the file closes
-            _write_rows(writer, sink, rows, plan, schema, header_len, progress)
-    _check_alignment(fd_path)
+    path: str, source: TensorSource, layout: Layout, model: str, step: int | None,
+    tag: str | None, created: str, attached: dict[str, Any], progress: Progress = _no_progress,
+) -> str:
+    """Write the snapshot to ``path`` (a fresh file), complete and fsynced; return its
+    content digest. Every ``data`` value starts 64-byte aligned.
+
+    A source that lists its files up front (``source_file_list``, names and sizes) has
+    them hashed on a worker thread while the rows are written; any other is hashed first.
+    """
+    listed = getattr(source, "source_file_list", None)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightatlas-sha256") as pool:
+        hashing: Future[list[SourceFile]] | None = None
+        if listed is None:
+            files = _hashed(source)
+        else:
+            planned = [(str(name), int(size)) for name, size in listed()]
+            hashing = pool.submit(_hashed, source)
+            files = [SourceFile(name, size, _LATER) for name, size in planned]
+        meta = snapshot_metadata(layout, source, files, _LATER, model, step, tag, created,
+                                 attached)
+        schema = SCHEMA.with_metadata(encode_metadata(meta))
+        written = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
+        header_len = 8 + len(schema.serialize())  # magic + schema message, written lazily
+        digest = _ContentDigest()
+        # Every row is hashed on its way to the file, so the whole-file checksum reads
+        # only the header and footer back (finalize_file_checksum).
+        raw = DigestingFile(path, skip=header_len)
+        # Arrow's own buffer gathers the many small writes of each row (its framing, its
+        # small columns) into one, so the writing thread seldom needs the GIL; the data
+        # buffers go through it without a copy.
+        with (raw, pa.PythonFile(raw, mode="w") as py,
+              pa.BufferedOutputStream(py, _BUFFER) as sink,
+              pa.ipc.new_file(sink, schema) as writer):
+            rows = _RowWriter(writer, sink, raw, schema, header_len, source.label, progress,
+                              layout.nbytes)
+            try:
+                for tensor in _analysed(source, layout, model, step, tag, progress, keep=True,
+                                        before_next=lambda i: rows.wait(i - 1)):
+                    digest.add_rows(tensor[1])
+                    rows.put(tensor)
+            except BaseException:
+                rows.finish(raising=False)  # stopped before the file closes
+                raise
+            rows.finish()
+            sink.flush()
+            raw.mark()
+        if hashing is not None:
+            files = hashing.result()
+            if [(f.name, f.size) for f in files] != planned:
+                raise IntegrityError(f"{source.label}: the source files changed while they "
+                                     f"were being ingested (listed {planned}, hashed "
+                                     f"{[(f.name, f.size) for f in files]})")
+    content = digest.result(attached)
+    meta = snapshot_metadata(layout, source, files, content, model, step, tag, created, attached)
+    final = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
+    _check_alignment(path)
     raw.remember()
+    finalize_file_checksum(path, (written, final))
+    return content
 
 
-def _write_rows(writer: Any, sink: Any, rows: Iterator[tuple[int, np.ndarray]],
-                plan: SnapshotPlan, schema: pa.Schema, header_len: int, progress: Progress
-                ) -> None:
-    total = plan.nbytes
-    for i, buf in rows:
-        small = plan.rows.slice(i, 1).columns
+class _RowWriter:
+    """Writes tensors' rows on a thread of its own while the next tensor is read.
 
-        def batch(pad: int, data: pa.Array, small: list[pa.ChunkedArray] = small) -> Any:
-            arrays = [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in small]
-            return pa.RecordBatch.from_arrays(
-                [*arrays, pa.array([b"\0" * pad], pa.binary()), data], schema=schema
-            )
+    ``put`` hands over a tensor read by ``_analysed``; ``wait(n)`` returns once ``n``
+    tensors are written, so the reader asks the source for a record (and lets it
+    release the one before the previous) only when that record is in the file. An
+    error on the thread is raised by the next ``wait`` or by ``finish``.
+    """
 
-        twin = batch(0, _data_array(_MARKER)).serialize()
-        offset = twin.to_pybytes().find(_MARKER)
-        pos = sink.tell() or header_len
-        pad = (-(pos + offset)) % ALIGNMENT
-        writer.write_batch(batch(pad, _data_array(buf)))
-        progress("write", buf.nbytes, total)
+    def __init__(self, writer: Any, sink: Any, raw: DigestingFile, schema: pa.Schema,
+                 header_len: int, label: str, progress: Progress, total: int) -> None:
+        self._args = (writer, sink, raw, schema, header_len, label, progress, total)
+        self._todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._written = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="weightatlas-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            while (tensor := self._todo.get()) is not None:
+                _write_tensor(*self._args, *tensor)
+                del tensor
+                with self._done:
+                    self._written += 1
+                    self._done.notify_all()
+        except BaseException as e:  # handed to the reading thread, raised there
+            with self._done:
+                self._error = e
+                self._done.notify_all()
+
+    def put(self, tensor: tuple[TensorRecord, list[dict[str, Any]], np.ndarray | None]) -> None:
+        self._todo.put(tensor)
+
+    def wait(self, n: int) -> None:
+        with self._done:
+            while self._written < n and self._error is None:
+                self._done.wait()
+            if self._error is not None:
+                raise self._error
+
+    def finish(self, raising: bool = True) -> None:
+        """Stop the thread once it has written what it was given; raise its error."""
+        self._todo.put(None)
+        self._thread.join()
+        if raising and self._error is not None:
+            raise self._error
+
+
+def _write_tensor(writer: Any, sink: Any, raw: DigestingFile, schema: pa.Schema,
+                  header_len: int, label: str, progress: Progress, total: int,
+                  rec: TensorRecord, rows: list[dict[str, Any]], whole: np.ndarray | None
+                  ) -> None:
+    """Write a tensor's rows, just read by ``_analysed``."""
+    buf: np.ndarray | None = None
+    for row in rows:
+        start, count = row["row_start"], row["row_count"]
+        if whole is not None:  # a strided tensor, copied into C order while it was read
+            data = whole
+        else:
+            # Straight from the source's memory when in C order (else a chunk of a larger
+            # strided tensor, copied): checked again, so a source that changed since it
+            # was read is an error rather than a row whose checksum is wrong.
+            data, buf = chunk_bytes_of(rec, start, count, buf)
+            if xxhash.xxh3_128(data.data).hexdigest() != row["checksum"]:
+                raise IntegrityError(f"{label}: tensor {rec.name!r} changed while it was "
+                                     "being ingested")
+        _write_row(writer, sink, schema, header_len, row, data)
+        progress("write", data.nbytes, total)
+        raw.start_writeback()
+
+
+def _write_row(writer: Any, sink: Any, schema: pa.Schema, header_len: int,
+               row: dict[str, Any], data: np.ndarray) -> None:
+    """One record batch, its ``pad`` sized so that ``data`` starts 64-byte aligned."""
+    info = pa.RecordBatch.from_pylist([row], schema=_INFO_SCHEMA).columns
+
+    def batch(pad: int, values: pa.Array) -> Any:
+        return pa.RecordBatch.from_arrays(
+            [*info, pa.array([b"\0" * pad], pa.binary()), values], schema=schema)
+
+    twin = batch(0, _data_array(_MARKER)).serialize()
+    offset = twin.to_pybytes().find(_MARKER)
+    pos = sink.tell() or header_len
+    pad = (-(pos + offset)) % ALIGNMENT
+    writer.write_batch(batch(pad, _data_array(data)))
 
 
 def _check_alignment(path: str) -> None:
