@@ -489,3 +489,95 @@ def test_source_files_that_differ_from_their_listing_are_refused(store: Store, r
                                              "were being ingested"):
         store.write(src, "m")
     assert _nothing_left(store) and _no_writer_threads()
+
+
+def test_a_snapshot_of_no_tensors_verifies(store: Store):
+    """No row is written (Arrow writes its header only at the close): the file checksum
+    is still that of the definition."""
+    import struct
+
+    snap = store.write(RecordsSource([]), "empty")
+    data = Path(snap.path).read_bytes()
+    (schema_len,) = struct.unpack("<i", data[12:16])
+    assert snap.metadata["file_checksum"] == _reference_digest(data, 16 + schema_len)
+    assert snap.verify() == [] and store.verify("empty") == {"empty@0": []}
+    snap.close()
+
+
+def test_source_metadata_is_asked_once(store: Store, rng):
+    calls = []
+
+    class Chatty(RecordsSource):
+        def metadata(self) -> dict:
+            calls.append(1)
+            return {"call": "x" * len(calls)}
+
+    snap = store.write(Chatty([TensorRecord("w", np.ones(4, np.float32))]), "m")
+    assert calls == [1] and snap.metadata["source"] == {"call": "x"}
+    assert snap.verify() == []
+    snap.close()
+
+
+def test_a_source_that_reuses_its_memory_is_written_one_tensor_at_a_time(store: Store):
+    """A source that does not say its records outlive the next one (``keeps_previous``)
+    may reuse their memory as soon as the next is asked for: each row is written first."""
+
+    class Streaming(RecordsSource):
+        def records(self) -> Iterator[TensorRecord]:
+            buf = np.empty((64, 64), np.float32)
+            for i in range(6):
+                buf[...] = i
+                yield TensorRecord(f"w{i}", buf)
+                buf = buf if i % 2 else buf.T  # strided every other time
+
+    assert not Streaming([]).keeps_previous and RecordsSource([]).keeps_previous
+    snap = store.write(Streaming([]), "m")
+    for i in range(6):
+        np.testing.assert_array_equal(snap.read(f"w{i}"), np.full((64, 64), i, np.float32))
+    assert snap.verify() == []
+    snap.close()
+
+
+def test_progress_is_called_on_the_calling_thread_only(store: Store, rng):
+    threads = set()
+    phases = {"read": 0, "write": 0}
+
+    def progress(phase: str, n: int, total: int) -> None:
+        threads.add(threading.current_thread().name)
+        phases[phase] += n
+
+    records = [TensorRecord(f"w{i}", rng.standard_normal((30, 20)).astype(np.float32).T)
+               for i in range(5)]
+    store.write(RecordsSource(records), "m", progress=progress).close()
+    total = sum(r.data.nbytes for r in records)
+    assert threads == {threading.current_thread().name}
+    assert phases == {"read": total, "write": total}
+
+
+def test_an_interrupt_stops_the_writing_thread_before_the_file_closes(store: Store, rng):
+    """Ctrl-C while rows are being written: the thread is stopped and joined, nothing is
+    published or left behind."""
+    records = [TensorRecord(f"w{i}", rng.standard_normal((200, 100)).astype(np.float32).T)
+               for i in range(8)]
+    reads = []
+
+    def progress(phase: str, n: int, total: int) -> None:
+        if phase == "read":
+            reads.append(n)
+            if len(reads) == 4:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.write(RecordsSource(records), "m", progress=progress)
+    assert _nothing_left(store) and _no_writer_threads()
+
+
+def test_a_source_file_digest_that_is_not_a_sha256_is_refused(store: Store, rng):
+    from weightatlas.errors import StoreError
+
+    items = [TensorRecord("w", rng.standard_normal((4, 3)).astype(np.float32))]
+    src = ListedSource(items, [("a.bin", 10)], [SourceFile("a.bin", 10, "sha256:" + "1" * 64)])
+    with pytest.raises(StoreError, match=r"listed: source file 'a.bin': sha256 'sha256:1+' is "
+                                         "not 64 lowercase hex digits"):
+        store.write(src, "m")
+    assert _nothing_left(store) and _no_writer_threads()

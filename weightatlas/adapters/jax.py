@@ -93,6 +93,8 @@ class JaxSource:
         """Canonical tensor names, in the order :meth:`records` yields them."""
         return [p.name for p in self._plans]
 
+    keeps_previous = True  #: records are arrays in memory, never released
+
     def records(self) -> Iterator[TensorRecord]:
         """Yield one canonical :class:`TensorRecord` per array leaf, in tree order."""
         for leaf, p in zip(self._leaves, self._plans, strict=True):

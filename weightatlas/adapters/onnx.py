@@ -139,12 +139,13 @@ class OnnxSource:
         for item in self._items:
             record = self._make(item)
             yield record
-            # (the consumer may hold two records: released one record later)
+            # A record stays valid until the record after next is asked for (the store
+            # writes one while it reads the next); the last one until the source closes.
             for s in behind:
                 self._files.release(s)
             behind = list(_external(item.value))
-        for s in behind:
-            self._files.release(s)
+
+    keeps_previous = True  #: (see records)
 
     def record(self, name: str) -> TensorRecord:
         """One tensor's record by its canonical name (computed now if it is folded)."""

@@ -175,27 +175,33 @@ class SafetensorsSource:
         return [e.name for s in self._shards for e in s.entries]
 
     def records(self) -> Iterator[TensorRecord]:
-        """Yield one :class:`TensorRecord` per tensor, shard by shard, in offset order."""
+        """Yield one :class:`TensorRecord` per tensor, shard by shard, in offset order.
+
+        A record stays valid until the record after next is asked for (the store writes
+        one while it reads the next); its pages are released then, the last ones when
+        the source is closed.
+        """
         if self._closed:
             raise WeightAtlasError(f"{self.label}: source is closed")
-        for shard in self._shards:
-            yield from self._shard_records(shard)
-
-    def _shard_records(self, shard: _Shard) -> Iterator[TensorRecord]:
-        mm = shard.mm
         page = mmap.PAGESIZE
-        released = 0
-        behind: int | None = None  # where the previous tensor starts
-        for entry in shard.entries:
-            if mm is not None and behind is not None:
-                # Pages of the tensors before the previous one: the consumer may hold two.
-                floor = behind - behind % page
-                _drop(mm, released, floor)
-                released = max(released, floor)
-            yield self._record(shard, entry, mm)
-            behind = shard.data_start + entry.begin
-        if mm is not None and not mm.closed:
-            _drop(mm, released, len(mm))
+        due: list[tuple[mmap.mmap, int, int]] = []  # released when the next record is asked
+        for shard in self._shards:
+            mm = shard.mm
+            released = 0
+            for entry in shard.entries:
+                start = shard.data_start + entry.begin
+                yield self._record(shard, entry, mm)
+                for m, lo, hi in due:  # the record before this one, and what precedes it
+                    _drop(m, lo, hi)
+                due = []
+                if mm is not None:
+                    floor = start - start % page
+                    due.append((mm, released, floor))
+                    released = max(released, floor)
+            if mm is not None:  # this shard's tail, once the next shard's first is passed
+                due.append((mm, released, len(mm)))
+
+    keeps_previous = True  #: (see records)
 
     def _record(self, shard: _Shard, entry: Entry, mm: mmap.mmap | None) -> TensorRecord:
         dtype = DTYPES[entry.dtype]

@@ -83,9 +83,12 @@ class TorchSource:
                                    source_shape=p.source_shape, attrs=p.attrs)
             except WeightAtlasError as e:
                 raise type(e)(f"{self.label}: {e}") from e
-            if i:  # the consumer may hold two records: released one record later
+            # A record stays valid until the record after next is asked for (the store
+            # writes one while it reads the next); the last one until the source closes.
+            if i:
                 self._release(i - 1)
-        self._release(len(self._planned) - 1)
+
+    keeps_previous = True  #: (see records)
 
     def _release(self, i: int) -> None:
         """Release the pages of storages no tensor after tensor ``i`` uses."""

@@ -267,7 +267,8 @@ def finalize_file_checksum(path: str, complete: tuple[bytes, bytes] | None = Non
         if complete is not None:
             old, new = complete
             if len(old) != len(new):
-                raise ValueError("finalize_file_checksum: the completed metadata changed length")
+                raise IntegrityError(f"{path}: the completed metadata changed length (this is "
+                                     "a weightatlas bug; please report it)")
             for lo, hi in ((8, head_end), (foot_start, size - _TAIL)):
                 region = read(lo, hi - lo)
                 at = region.find(old)
@@ -281,8 +282,9 @@ def finalize_file_checksum(path: str, complete: tuple[bytes, bytes] | None = Non
                 raise IntegrityError(f"{path}: file checksum placeholder not found")
         if (streamed is not None and streamed.identity == _identity(st)
                 and streamed.skip == head_end and streamed.mark <= foot_start):
-            h = streamed.state.copy()
-            h.update(read(streamed.mark, size - streamed.mark))  # the footer, completed
+            h = streamed.state.copy()  # of [skip, mark): nothing when no row was written
+            rest = max(streamed.mark, head_end)
+            h.update(read(rest, size - rest))  # the footer, completed
             h.update(read(0, head_end))  # the header, completed
             digest = h.hexdigest()
         else:

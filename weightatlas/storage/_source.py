@@ -4,9 +4,11 @@ An adapter opens a file (or a live model) and returns a :class:`TensorSource`. T
 store iterates it twice: once for the names, shapes and dtypes only (so the
 snapshot's metadata, which Arrow writes first, can be laid out), once to read every
 tensor and write it. A source must therefore be re-iterable, and should hand out one
-tensor at a time as views (over a memory map, say) so that memory stays flat. The
-store writes one tensor while it reads the next, so a source may release a tensor's
-memory only once the tensor after the next one is asked for.
+tensor at a time as views (over a memory map, say) so that memory stays flat. A
+record's memory must stay valid until the next record is asked for. A source whose
+records stay valid one record longer, until the record after next is asked for, says
+so with ``keeps_previous = True``: the store then writes one tensor while it reads
+the next (the file adapters and :class:`RecordsSource` do).
 
 A source read from files may also offer ``source_file_list()``: the ``(name, size)``
 of each file :meth:`~TensorSource.source_files` will hash, in the same order, without
@@ -83,6 +85,12 @@ class RecordsSource:
     framework: str = "numpy"
     extra: dict[str, Any] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def keeps_previous(self) -> bool:
+        """The records are the arrays given, valid as long as they live (unless a
+        subclass hands out records of its own)."""
+        return type(self).records is RecordsSource.records
 
     def records(self) -> Iterator[TensorRecord]:
         return iter(self.items)

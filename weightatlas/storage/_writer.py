@@ -22,11 +22,13 @@ wrong snapshot. The file is written through a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -285,8 +287,10 @@ def _hashed(source: TensorSource) -> list[SourceFile]:
 def snapshot_metadata(
     layout: Layout, source: TensorSource, files: list[SourceFile], content_digest: str,
     model: str, step: int | None, tag: str | None, created: str, attached: dict[str, Any],
+    facts: dict[str, Any],
 ) -> dict[str, Any]:
-    """The JSON document stored as the snapshot's schema metadata."""
+    """The JSON document stored as the snapshot's schema metadata (``facts``: the
+    source's ``metadata()``)."""
     if len(files) == 1:
         source_sha = files[0].sha256
     elif files:  # several files: sha256 of a sha256sum-style listing
@@ -305,7 +309,7 @@ def snapshot_metadata(
         "source_file": files[0].name if len(files) == 1 else source.label,
         "source_sha256": source_sha,
         "source_files": [vars(f) for f in files],
-        "source": dict(source.metadata()),
+        "source": facts,
         "created": created,
         "package": "weightatlas",
         "package_version": __version__,
@@ -345,18 +349,24 @@ def write_snapshot_file(
 
     A source that lists its files up front (``source_file_list``, names and sizes) has
     them hashed on a worker thread while the rows are written; any other is hashed first.
+    Rows are written on a thread of their own while the next tensor is read, for a
+    source whose records stay valid until the one after next is asked for
+    (``keeps_previous``); for any other, once the previous one is written. ``progress``
+    is only ever called on the calling thread.
     """
     listed = getattr(source, "source_file_list", None)
+    ahead = 1 if getattr(source, "keeps_previous", False) else 0
+    facts = dict(source.metadata())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightatlas-sha256") as pool:
         hashing: Future[list[SourceFile]] | None = None
         if listed is None:
-            files = _hashed(source)
+            files = _checked(source, _hashed(source))
         else:
             planned = [(str(name), int(size)) for name, size in listed()]
             hashing = pool.submit(_hashed, source)
             files = [SourceFile(name, size, _LATER) for name, size in planned]
         meta = snapshot_metadata(layout, source, files, _LATER, model, step, tag, created,
-                                 attached)
+                                 attached, facts)
         schema = SCHEMA.with_metadata(encode_metadata(meta))
         written = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
         header_len = 8 + len(schema.serialize())  # magic + schema message, written lazily
@@ -370,27 +380,37 @@ def write_snapshot_file(
         with (raw, pa.PythonFile(raw, mode="w") as py,
               pa.BufferedOutputStream(py, _BUFFER) as sink,
               pa.ipc.new_file(sink, schema) as writer):
-            rows = _RowWriter(writer, sink, raw, schema, header_len, source.label, progress,
-                              layout.nbytes)
+            rows = _RowWriter(writer, sink, raw, schema, header_len, source.label)
+
+            def report() -> None:
+                if n := rows.newly_written():
+                    progress("write", n, layout.nbytes)
+
+            def before_next(i: int) -> None:
+                rows.wait(i - ahead)
+                report()
+
             try:
                 for tensor in _analysed(source, layout, model, step, tag, progress, keep=True,
-                                        before_next=lambda i: rows.wait(i - 1)):
+                                        before_next=before_next):
                     digest.add_rows(tensor[1])
                     rows.put(tensor)
+                rows.finish()
             except BaseException:
-                rows.finish(raising=False)  # stopped before the file closes
+                rows.abort()  # stopped before the file closes
                 raise
-            rows.finish()
+            report()
             sink.flush()
             raw.mark()
         if hashing is not None:
-            files = hashing.result()
+            files = _checked(source, hashing.result())
             if [(f.name, f.size) for f in files] != planned:
                 raise IntegrityError(f"{source.label}: the source files changed while they "
                                      f"were being ingested (listed {planned}, hashed "
                                      f"{[(f.name, f.size) for f in files]})")
     content = digest.result(attached)
-    meta = snapshot_metadata(layout, source, files, content, model, step, tag, created, attached)
+    meta = snapshot_metadata(layout, source, files, content, model, step, tag, created,
+                             attached, facts)
     final = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
     _check_alignment(path)
     raw.remember()
@@ -398,33 +418,51 @@ def write_snapshot_file(
     return content
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked(source: TensorSource, files: list[SourceFile]) -> list[SourceFile]:
+    for f in files:
+        if not isinstance(f.sha256, str) or not _SHA256.fullmatch(f.sha256):
+            raise StoreError(f"{source.label}: source file {f.name!r}: sha256 {f.sha256!r} is "
+                             "not 64 lowercase hex digits")
+    return files
+
+
 class _RowWriter:
     """Writes tensors' rows on a thread of its own while the next tensor is read.
 
     ``put`` hands over a tensor read by ``_analysed``; ``wait(n)`` returns once ``n``
     tensors are written, so the reader asks the source for a record (and lets it
-    release the one before the previous) only when that record is in the file. An
-    error on the thread is raised by the next ``wait`` or by ``finish``.
+    release an earlier one) only when that one is in the file. An error on the thread
+    is raised by the next ``wait`` or by ``finish``; ``abort`` stops the thread after
+    the row it is writing, whatever happens meanwhile (a second Ctrl-C included), so the
+    file is never closed under it.
     """
 
     def __init__(self, writer: Any, sink: Any, raw: DigestingFile, schema: pa.Schema,
-                 header_len: int, label: str, progress: Progress, total: int) -> None:
-        self._args = (writer, sink, raw, schema, header_len, label, progress, total)
+                 header_len: int, label: str) -> None:
+        self._args = (writer, sink, raw, schema, header_len, label)
         self._todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done = threading.Condition()
         self._written = 0
+        self._bytes = 0  # written so far
+        self._reported = 0  # of which handed to progress
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="weightatlas-writer",
                                         daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
         try:
-            while (tensor := self._todo.get()) is not None:
-                _write_tensor(*self._args, *tensor)
-                del tensor
+            while (tensor := self._todo.get()) is not None and not self._stop.is_set():
+                rec, rows, whole = tensor
+                n = _write_tensor(*self._args, rec, rows, whole, self._stop)
+                del tensor, rec, whole
                 with self._done:
                     self._written += 1
+                    self._bytes += n
                     self._done.notify_all()
         except BaseException as e:  # handed to the reading thread, raised there
             with self._done:
@@ -441,21 +479,37 @@ class _RowWriter:
             if self._error is not None:
                 raise self._error
 
-    def finish(self, raising: bool = True) -> None:
+    def newly_written(self) -> int:
+        """Bytes of rows written since the last call."""
+        with self._done:
+            n, self._reported = self._bytes - self._reported, self._bytes
+        return n
+
+    def finish(self) -> None:
         """Stop the thread once it has written what it was given; raise its error."""
         self._todo.put(None)
         self._thread.join()
-        if raising and self._error is not None:
+        if self._error is not None:
             raise self._error
+
+    def abort(self) -> None:
+        """Stop the thread after the row it is writing and wait for it, uninterruptibly."""
+        self._stop.set()
+        self._todo.put(None)
+        while self._thread.is_alive():
+            with contextlib.suppress(KeyboardInterrupt):  # the first one is on its way
+                self._thread.join()
 
 
 def _write_tensor(writer: Any, sink: Any, raw: DigestingFile, schema: pa.Schema,
-                  header_len: int, label: str, progress: Progress, total: int,
-                  rec: TensorRecord, rows: list[dict[str, Any]], whole: np.ndarray | None
-                  ) -> None:
-    """Write a tensor's rows, just read by ``_analysed``."""
+                  header_len: int, label: str, rec: TensorRecord, rows: list[dict[str, Any]],
+                  whole: np.ndarray | None, stop: threading.Event) -> int:
+    """Write a tensor's rows, just read by ``_analysed``; return the bytes written."""
     buf: np.ndarray | None = None
+    written = 0
     for row in rows:
+        if stop.is_set():
+            break
         start, count = row["row_start"], row["row_count"]
         if whole is not None:  # a strided tensor, copied into C order while it was read
             data = whole
@@ -468,8 +522,9 @@ def _write_tensor(writer: Any, sink: Any, raw: DigestingFile, schema: pa.Schema,
                 raise IntegrityError(f"{label}: tensor {rec.name!r} changed while it was "
                                      "being ingested")
         _write_row(writer, sink, schema, header_len, row, data)
-        progress("write", data.nbytes, total)
+        written += data.nbytes
         raw.start_writeback()
+    return written
 
 
 def _write_row(writer: Any, sink: Any, schema: pa.Schema, header_len: int,
