@@ -184,22 +184,23 @@ class SafetensorsSource:
         if self._closed:
             raise WeightAtlasError(f"{self.label}: source is closed")
         page = mmap.PAGESIZE
-        due: list[tuple[mmap.mmap, int, int]] = []  # released when the next record is asked
+        tail: tuple[mmap.mmap, int, int] | None = None  # the previous shard's last pages
         for shard in self._shards:
             mm = shard.mm
             released = 0
             for entry in shard.entries:
                 start = shard.data_start + entry.begin
                 yield self._record(shard, entry, mm)
-                for m, lo, hi in due:  # the record before this one, and what precedes it
-                    _drop(m, lo, hi)
-                due = []
+                # The next record is asked for: release every record before this one.
+                if tail is not None:
+                    _drop(*tail)
+                    tail = None
                 if mm is not None:
                     floor = start - start % page
-                    due.append((mm, released, floor))
+                    _drop(mm, released, floor)
                     released = max(released, floor)
-            if mm is not None:  # this shard's tail, once the next shard's first is passed
-                due.append((mm, released, len(mm)))
+            if mm is not None:
+                tail = (mm, released, len(mm))
 
     keeps_previous = True  #: (see records)
 
