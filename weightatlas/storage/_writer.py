@@ -1,4 +1,4 @@
-"""Writing one snapshot file from a tensor source, in one pass over the tensor bytes.
+"""Writing one snapshot file from a tensor source, in one read of each tensor.
 
 A first, cheap pass over the source's records reads only names, shapes and dtypes:
 enough to lay out the rows (chunks) and every value of the snapshot metadata that
@@ -10,14 +10,16 @@ of format 2 hashes the header last.
 
 Then each tensor is read once: its statistics and the checksum of each chunk are
 taken block by block (``_stats.blocks``) while the block is in cache, and its row is
-written right after, straight from the source's memory (a memory map, usually) or,
-for a strided tensor (a transposed weight), from the one C-order copy those blocks
-were copied into. A tensor split into several chunks is read twice (statistics
-first, since every chunk's row holds those of the whole tensor) and each chunk's
-checksum is checked again as it is written; so is every row written from the
-source's memory, so a source that changes meanwhile is an error, never a silently
-wrong snapshot. The file is written through a
-``DigestingFile``, so its whole-file checksum needs no second read of the rows.
+written after, straight from the source's memory (a memory map, usually) or, for a
+one-chunk strided tensor (a transposed weight), from the one C-order copy those
+blocks were copied into. A tensor split into several chunks is read twice
+(statistics first, since every chunk's row holds those of the whole tensor). Every
+row not written from that private copy is checked against its checksum just before
+it is written, so a source that changed since it was read is an error rather than a
+row whose checksum is wrong. Rows are written on a thread of their own while the
+next tensor is read when the source keeps its previous record valid
+(``keeps_previous``); the file is written through a ``DigestingFile``, so its
+whole-file checksum needs no second read of the rows.
 """
 
 from __future__ import annotations
