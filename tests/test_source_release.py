@@ -10,6 +10,7 @@ torch are iterated.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from weightatlas.adapters import onnx as onnx_adapter
 from weightatlas.adapters import safetensors as sft
 from weightatlas.adapters import torch as torch_adapter
+from weightatlas.errors import FormatError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="residency is read from /proc/self/smaps (Linux)")
@@ -111,6 +113,13 @@ def test_onnx_external_data_is_released_one_record_late(tmp_path: Path) -> None:
     assert [r.name for r in source.records()] == [f"{n}.weight" for n in tensors]
     check_one_record_late(source.records, [tmp_path / "w.bin"], 6)
     assert source.keeps_previous
+    # And the store's last check: the external data file is the one that was read.
+    source.check_files_unchanged()
+    st = (tmp_path / "w.bin").stat()
+    os.utime(tmp_path / "w.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(FormatError, match=r"external data 'w\.bin': file changed while it "
+                                          "was being ingested"):
+        source.check_files_unchanged()
     source.close()
 
 

@@ -581,3 +581,156 @@ def test_a_source_file_digest_that_is_not_a_sha256_is_refused(store: Store, rng)
                                          "not 64 lowercase hex digits"):
         store.write(src, "m")
     assert _nothing_left(store) and _no_writer_threads()
+
+
+def _sha_threads_end() -> bool:
+    """The sha256 thread of a failed write may finish its file on its own: give it a
+    moment, then no thread of the writer's is left."""
+    import time
+
+    for _ in range(400):
+        if _no_writer_threads():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@dataclass
+class FailingHash(ListedSource):
+    """Its files are listed up front; hashing them fails (or takes ``delay`` seconds)."""
+
+    delay: float = 0.0
+
+    def source_files(self) -> list[SourceFile]:
+        import time
+
+        from weightatlas.errors import FormatError
+
+        if self.delay:
+            time.sleep(self.delay)
+            return self.hashed
+        raise FormatError("a.bin: file changed since it was read; read it again")
+
+
+def test_a_failed_sha256_stops_the_write_early(store: Store, rng):
+    from weightatlas.errors import FormatError
+
+    items = [TensorRecord(f"w{i}", rng.standard_normal((256, 256)).astype(np.float32))
+             for i in range(20)]
+    reads = []
+
+    def progress(phase: str, n: int, total: int) -> None:
+        import time
+
+        if phase == "read":
+            reads.append(n)
+            time.sleep(0.005)
+
+    src = FailingHash(items, [("a.bin", 10)], [])
+    with pytest.raises(FormatError, match=r"a\.bin: file changed since it was read"):
+        store.write(src, "m", progress=progress)
+    assert len(reads) < 20  # raised between tensors, not after the whole file
+    assert _nothing_left(store) and _sha_threads_end()
+
+
+def test_an_error_does_not_wait_for_the_sha256(store: Store, rng):
+    """The user's error (here from the progress callback) comes back at once; the sha256
+    of a large source file finishes on its own thread."""
+    import time
+
+    items = [TensorRecord("w", rng.standard_normal((64, 64)).astype(np.float32))]
+    src = FailingHash(items, [("a.bin", 10)], [SourceFile("a.bin", 10, "1" * 64)], delay=1.5)
+
+    def progress(phase: str, n: int, total: int) -> None:
+        raise Boom("stop")
+
+    start = time.perf_counter()
+    with pytest.raises(Boom):
+        store.write(src, "m", progress=progress)
+    assert time.perf_counter() - start < 1.0
+    assert _nothing_left(store)
+    assert _sha_threads_end()  # the sha256 then ends on its own
+
+
+def test_an_os_error_from_the_source_names_it_and_the_place(store: Store, rng):
+    from weightatlas.errors import StoreError
+
+    a = rng.standard_normal((8, 8)).astype(np.float32)
+
+    class Flaky(RecordsSource):
+        def records(self) -> Iterator[TensorRecord]:
+            yield TensorRecord("w0", a)
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(StoreError, match=r"<memory>: cannot read after tensor 'w0': "
+                                         "Input/output error"):
+        store.write(Flaky([]), "m")
+    assert _nothing_left(store)
+
+
+def test_a_damaged_existing_snapshot_is_refused_before_reading_the_source(store: Store, rng):
+    from weightatlas.errors import SnapshotExistsError
+
+    records = [TensorRecord("w", rng.standard_normal((64, 64)).astype(np.float32))]
+    snap = store.write(RecordsSource(records), "m")
+    path = snap.path
+    snap.close()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    reads = []
+    with pytest.raises(SnapshotExistsError, match="already exists and is damaged"):
+        store.write(RecordsSource(records), "m",
+                    progress=lambda phase, n, total: reads.append(phase))
+    assert reads == []
+
+
+def test_a_source_file_rewritten_during_ingest_is_refused(tmp_path: Path, rng):
+    """The sha256 recorded and the bytes written must describe one file: a safetensors
+    file rewritten in place (same size) while it is ingested is refused, and nothing is
+    published."""
+    from weightatlas.adapters import safetensors as sft
+    from weightatlas.errors import FormatError
+
+    path = tmp_path / "m.safetensors"
+    tensors = {f"w{i}": rng.standard_normal((128, 128)).astype(np.float32) for i in range(6)}
+    sft.write(tensors, path)
+    store = Store(tmp_path / "store", create=True)
+    done = []
+
+    def progress(phase: str, n: int, total: int) -> None:
+        if phase == "read" and not done:
+            done.append(1)
+            data = bytearray(path.read_bytes())
+            data[-8:] = b"\x00" * 8  # the last tensor's last values
+            with open(path, "r+b") as f:
+                f.write(data)
+            st = os.stat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+    with pytest.raises(FormatError, match=r"m\.safetensors: file changed (since it was read|"
+                                          "while it was being ingested)"):
+        store.write(sft.read(path), "m", progress=progress)
+    assert _nothing_left(store)
+
+
+def test_file_sources_check_their_files_are_unchanged(tmp_path: Path, rng):
+    """What the store asks once every row is written, for each file adapter."""
+    import torch
+
+    from weightatlas.adapters import safetensors as sft
+    from weightatlas.adapters import torch as torch_adapter
+    from weightatlas.errors import FormatError
+
+    values = {"w": rng.standard_normal((16, 16)).astype(np.float32)}
+    st_path = tmp_path / "m.safetensors"
+    sft.write(values, st_path)
+    pt_path = tmp_path / "m.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in values.items()}, pt_path)
+    for path, source in ((st_path, sft.read(st_path)), (pt_path, torch_adapter.read(pt_path))):
+        source.check_files_unchanged()  # untouched: fine
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        with pytest.raises(FormatError, match=rf"{path.name}: file changed while it was being "
+                                              "ingested"):
+            source.check_files_unchanged()

@@ -21,7 +21,8 @@ from weightatlas.errors import (
     WeightAtlasError,
 )
 
-__all__ = ["HASH_CHUNK", "ident", "open_regular", "os_error", "read_at", "sha256_file"]
+__all__ = ["HASH_CHUNK", "check_unchanged", "ident", "open_regular", "os_error", "read_at",
+           "sha256_file"]
 
 #: Bytes hashed at a time: one reusable buffer keeps resident memory flat.
 HASH_CHUNK = 8 << 20
@@ -104,3 +105,17 @@ def sha256_file(path: str, label: str, expected: tuple[int, int, int, int],
         view.release()
         os.close(fd)
     return digest.hexdigest()
+
+
+def check_unchanged(files: list[tuple[str, str, tuple[int, int, int, int]]]) -> None:
+    """Refuse any of ``(path, label, identity when read)`` that changed since it was read
+    (a file rewritten in place while a snapshot was written from it: its sha256 and the
+    bytes written might then describe different contents)."""
+    for path, label, expected in files:
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError as e:
+            raise os_error(label, e) from e
+        if ident(st) != expected:
+            raise FormatError(f"{label}: file changed while it was being ingested; "
+                              "ingest it again")

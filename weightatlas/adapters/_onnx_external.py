@@ -195,6 +195,11 @@ class ExternalFiles:
         """``(name, size)`` of every file, in the order of :meth:`hashes`."""
         return [(f.name, f.ident[2]) for f in sorted(self.files.values(), key=lambda f: f.name)]
 
+    def identities(self) -> list[tuple[str, str, tuple[int, int, int, int]]]:
+        """``(path, label, identity when read)`` of every file, for ``check_unchanged``."""
+        return [(f.real, f"{self.model_label}: external data {f.name!r}", f.ident)
+                for f in sorted(self.files.values(), key=lambda f: f.name)]
+
     def hashes(self, buf: bytearray) -> list[tuple[str, int, str]]:
         """``(name, size, sha256)`` of every file, in location order."""
         return [(f.name, f.ident[2],

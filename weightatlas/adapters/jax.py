@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from weightatlas.adapters._files import sha256_file
+from weightatlas.adapters._files import check_unchanged, sha256_file
 from weightatlas.adapters._jax_layout import LeafPlan, canonical
 from weightatlas.adapters._jax_orbax import (
     MAX_BYTES,
@@ -118,6 +118,14 @@ class JaxSource:
         if self._root is None:
             return []
         return [(rel, size) for rel, size, _, _, _ in self._file_facts]
+
+    def check_files_unchanged(self) -> None:
+        """Refuse a checkpoint file that changed since it was read."""
+        if self._root is not None:
+            root = self._root
+            check_unchanged([(os.path.join(root, rel), os.path.join(root, rel),
+                              (dev, ino, size, mtime))
+                             for rel, size, dev, ino, mtime in self._file_facts])
 
     def source_files(self) -> list[SourceFile]:
         """The checkpoint file(s) with sha256, each re-checked against what was read."""

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from weightatlas.adapters._files import check_unchanged
 from weightatlas.adapters._onnx_attach import GRAPH_KEY, LOCATION_PREFIX, strip, table
 from weightatlas.adapters._onnx_external import ExternalFiles, sha256_file
 from weightatlas.adapters._onnx_graph import Limits, Value, v_array, walk
@@ -167,6 +168,10 @@ class OnnxSource:
         """The files :meth:`source_files` hashes, as ``(name, size)``, without hashing."""
         return [(os.path.basename(self._path), self._ident[2]),
                 *((n, size) for n, size in self._files.sizes())]
+
+    def check_files_unchanged(self) -> None:
+        """Refuse the model (or an external data file) if it changed since it was read."""
+        check_unchanged([(self._path, self.label, self._ident), *self._files.identities()])
 
     def source_files(self) -> list[SourceFile]:
         """The model file then each external data file, with size and sha256."""

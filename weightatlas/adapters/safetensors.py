@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 
 from weightatlas.adapters import _naming
-from weightatlas.adapters._files import ident, open_regular, os_error, read_at, sha256_file
+from weightatlas.adapters._files import (
+    check_unchanged,
+    ident,
+    open_regular,
+    os_error,
+    read_at,
+    sha256_file,
+)
 from weightatlas.adapters._safetensors_header import (
     DEFAULT_MAX_TENSORS,
     DTYPE_CODES,
@@ -237,6 +244,10 @@ class SafetensorsSource:
         """The files :meth:`source_files` hashes, as ``(name, size)``, without hashing."""
         files = [(self._index[0], len(self._index[1]))] if self._index is not None else []
         return files + [(shard.name, shard.ident[2]) for shard in self._shards]
+
+    def check_files_unchanged(self) -> None:
+        """Refuse a shard that changed since it was read (the index was read whole)."""
+        check_unchanged([(shard.real, shard.label, shard.ident) for shard in self._shards])
 
     def source_files(self) -> list[SourceFile]:
         """Every file read (the index first, then each shard), with size and sha256."""

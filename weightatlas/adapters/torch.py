@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from weightatlas.adapters._files import sha256_file
+from weightatlas.adapters._files import check_unchanged, sha256_file
 from weightatlas.adapters._torch_checkpoint import read_entries
 from weightatlas.adapters._torch_module import module_entries, tensor_to_numpy
 from weightatlas.adapters._torch_records import Entry, Planned, plan
@@ -101,6 +101,12 @@ class TorchSource:
         """The file :meth:`source_files` hashes, as ``(name, size)``, without hashing."""
         a = self._archive
         return [] if a is None else [(os.path.basename(a.path), a.size)]
+
+    def check_files_unchanged(self) -> None:
+        """Refuse the checkpoint file if it changed since it was read."""
+        a = self._archive
+        if a is not None:
+            check_unchanged([(os.path.realpath(a.path), a.path, a.ident)])
 
     def source_files(self) -> list[SourceFile]:
         """The checkpoint file with its sha256 (hashed through its own handle), or nothing."""

@@ -8,11 +8,15 @@ tensor at a time as views (over a memory map, say) so that memory stays flat. A
 record's memory must stay valid until the next record is asked for. A source whose
 records stay valid one record longer, until the record after next is asked for, says
 so with ``keeps_previous = True``: the store then writes one tensor while it reads
-the next (the file adapters and :class:`RecordsSource` do).
+the next (the file adapters do, and :class:`RecordsSource` unless a subclass hands out
+records of its own).
 
 A source read from files may also offer ``source_file_list()``: the ``(name, size)``
 of each file :meth:`~TensorSource.source_files` will hash, in the same order, without
-hashing them. The store then hashes them while it writes, instead of before.
+hashing them. The store then hashes them while it writes, instead of before. And
+``check_files_unchanged()``, which the store calls once every row is written: it
+raises if a file changed since it was read, so that the sha256 recorded and the
+bytes written describe the same file.
 
 It is a ``Protocol``, not a base class, so that an adapter needs no import from the
 store beyond :class:`~weightatlas.storage.TensorRecord` to implement it (onnx-ir
@@ -61,7 +65,7 @@ class TensorSource(Protocol):
         ...
 
     def nbytes(self) -> int:
-        """Total bytes of tensor data, for progress reporting."""
+        """Total bytes of tensor data (the store computes its own from the records)."""
         ...
 
     def attachments(self) -> Mapping[str, bytes]:

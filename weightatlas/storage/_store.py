@@ -314,7 +314,8 @@ class Store:
         existing = self._existing_digest(final)
         if existing is not None and not overwrite:
             # The same tensors again are a no-op, others an error: read, write nothing.
-            if existing == scan_digest(source, layout, model, step, tag, attached, report):
+            if existing != "<unreadable>" and existing == scan_digest(
+                    source, layout, model, step, tag, attached, report):
                 return Snapshot(final, identity)
             raise SnapshotExistsError(self._conflict(final, label, source.label, existing))
         created = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")

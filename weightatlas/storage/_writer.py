@@ -1,6 +1,7 @@
 """Writing one snapshot file from a tensor source, in one read of each tensor.
 
-A first, cheap pass over the source's records reads only names, shapes and dtypes:
+A first pass over the source's records reads only names, shapes and dtypes (cheap
+for views of a memory map; a live module on an accelerator still copies to the host):
 enough to lay out the rows (chunks) and every value of the snapshot metadata that
 Arrow writes first, except those known only once every byte was read: the source
 files' sha256 (computed meanwhile on a worker thread), the content digest and the
@@ -134,11 +135,33 @@ class Layout:
                                  f"(tensor {self.tensors[n][0]!r} missing)")
 
 
+def _records(source: TensorSource, before_next: Callable[[int], None] | None = None
+             ) -> Iterator[TensorRecord]:
+    """``source.records()``, ``before_next(i)`` called before record ``i`` is asked for,
+    and an ``OSError`` from the source a ``StoreError`` naming it and the place."""
+    records = iter(source.records())
+    last: str | None = None
+    i = 0
+    while True:
+        if before_next is not None:
+            before_next(i)
+        try:
+            rec = next(records, None)
+        except OSError as e:
+            after = f"after tensor {last!r}" if last is not None else "the first tensor"
+            raise StoreError(f"{source.label}: cannot read {after}: {e.strerror or e}") from e
+        if rec is None:
+            return
+        last = rec.name
+        i += 1
+        yield rec
+
+
 def layout_of(source: TensorSource, chunk_bytes: int) -> Layout:
     """The records' names, shapes and chunks, without reading any tensor's bytes."""
     layout = Layout([], [], chunk_bytes, 0, 0)
     seen: set[str] = set()
-    for rec in source.records():
+    for rec in _records(source):
         if rec.name in seen:
             raise StoreError(f"{source.label}: tensor {rec.name!r} appears twice")
         seen.add(rec.name)
@@ -228,34 +251,31 @@ class _ContentDigest:
 
 
 def _analysed(source: TensorSource, layout: Layout, model: str, step: int | None,
-              tag: str | None, progress: Progress, keep: bool,
+              tag: str | None, progress: Progress, keep: str | None,
               before_next: Callable[[int], None] | None = None,
               ) -> Iterator[tuple[TensorRecord, list[dict[str, Any]], np.ndarray | None]]:
     """Each record with its rows' small columns, read once.
 
-    With ``keep``, a one-chunk strided tensor is also copied into C order (else None
-    is handed out): two buffers take turns, so the copy of record ``i`` stays valid
-    until record ``i + 2`` is read. ``before_next(i)`` is called before record ``i`` is
-    asked of the source (which may then release record ``i - 2``).
+    With ``keep`` (``"one"`` or ``"two"``), a one-chunk strided tensor is also copied
+    into C order (else None is handed out), into one buffer or two that take turns:
+    with two, the copy of record ``i`` stays valid until record ``i + 2`` is read.
+    ``before_next(i)`` is called before record ``i`` is asked of the source (which may
+    then release record ``i - 2``, or ``i - 1``). An ``OSError`` from the source is a
+    ``StoreError`` naming it.
     """
     scratch = np.empty(BLOCK * 8, np.uint8)  # one block of any dtype, reused
-    wholes = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+    wholes = [np.empty(0, np.uint8)] * (2 if keep == "two" else 1)
     total = layout.nbytes
-    records = iter(source.records())
-    i = 0
-    while True:
-        if before_next is not None:
-            before_next(i)
-        rec = next(records, None)
-        if rec is None:
-            break
+    n = 0
+    for i, rec in enumerate(_records(source, before_next)):
         chunks = layout.check(i, rec, source.label)
         into = None
         if keep and len(chunks) == 1 and rec.data.ndim and not is_c_order_le(rec.data):
-            if wholes[i % 2].nbytes < rec.data.nbytes:
-                wholes[i % 2] = np.empty(0, np.uint8)  # (the old one is freed first)
-                wholes[i % 2] = np.empty(rec.data.nbytes, np.uint8)
-            into = wholes[i % 2][: rec.data.nbytes]
+            k = i % len(wholes)
+            if wholes[k].nbytes < rec.data.nbytes:
+                wholes[k] = np.empty(0, np.uint8)  # (the old one is freed first)
+                wholes[k] = np.empty(rec.data.nbytes, np.uint8)
+            into = wholes[k][: rec.data.nbytes]
         try:
             stats, sums = _scan(rec.data, chunks, scratch, into)
         except (ValueError, TypeError, OverflowError) as e:
@@ -263,8 +283,8 @@ def _analysed(source: TensorSource, layout: Layout, model: str, step: int | None
         progress("read", rec.data.nbytes, total)
         yield rec, _row_values(rec, model, step, tag, chunks, stats.as_dict(), sums), into
         del rec, into
-        i += 1
-    layout.check_done(i, source.label)
+        n = i + 1
+    layout.check_done(n, source.label)
 
 
 def scan_digest(source: TensorSource, layout: Layout, model: str, step: int | None,
@@ -272,7 +292,7 @@ def scan_digest(source: TensorSource, layout: Layout, model: str, step: int | No
                 ) -> str:
     """The content digest a snapshot of ``source`` would have, reading without writing."""
     digest = _ContentDigest()
-    for _, rows, _ in _analysed(source, layout, model, step, tag, progress, keep=False):
+    for _, rows, _ in _analysed(source, layout, model, step, tag, progress, keep=None):
         digest.add_rows(rows)
     return digest.result(attached)
 
@@ -359,12 +379,13 @@ def write_snapshot_file(
     listed = getattr(source, "source_file_list", None)
     ahead = 1 if getattr(source, "keeps_previous", False) else 0
     facts = dict(source.metadata())
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightatlas-sha256") as pool:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightatlas-sha256")
+    try:
         hashing: Future[list[SourceFile]] | None = None
         if listed is None:
             files = _checked(source, _hashed(source))
         else:
-            planned = [(str(name), int(size)) for name, size in listed()]
+            planned = [(str(name), int(size)) for name, size in _listed(source, listed)]
             hashing = pool.submit(_hashed, source)
             files = [SourceFile(name, size, _LATER) for name, size in planned]
         meta = snapshot_metadata(layout, source, files, _LATER, model, step, tag, created,
@@ -390,10 +411,13 @@ def write_snapshot_file(
 
             def before_next(i: int) -> None:
                 rows.wait(i - ahead)
+                if hashing is not None and hashing.done():
+                    hashing.result()  # a failure (a file changed) is raised now, not at the end
                 report()
 
             try:
-                for tensor in _analysed(source, layout, model, step, tag, progress, keep=True,
+                for tensor in _analysed(source, layout, model, step, tag, progress,
+                                        keep="two" if ahead else "one",
                                         before_next=before_next):
                     digest.add_rows(tensor[1])
                     rows.put(tensor)
@@ -410,6 +434,14 @@ def write_snapshot_file(
                 raise IntegrityError(f"{source.label}: the source files changed while they "
                                      f"were being ingested (listed {planned}, hashed "
                                      f"{[(f.name, f.size) for f in files]})")
+        unchanged = getattr(source, "check_files_unchanged", None)
+        if unchanged is not None:
+            unchanged()  # the bytes written are those the sha256 was taken of
+    except BaseException:
+        # The error is the user's now: a sha256 still running finishes on its own.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     content = digest.result(attached)
     meta = snapshot_metadata(layout, source, files, content, model, step, tag, created,
                              attached, facts)
@@ -421,6 +453,15 @@ def write_snapshot_file(
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _listed(source: TensorSource, listed: Callable[[], Any]) -> list[tuple[str, int]]:
+    try:
+        return list(listed())
+    except WeightAtlasError:
+        raise
+    except OSError as e:
+        raise StoreError(f"{source.label}: cannot list source files: {e.strerror or e}") from e
 
 
 def _checked(source: TensorSource, files: list[SourceFile]) -> list[SourceFile]:
