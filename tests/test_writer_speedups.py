@@ -734,3 +734,19 @@ def test_file_sources_check_their_files_are_unchanged(tmp_path: Path, rng):
         with pytest.raises(FormatError, match=rf"{path.name}: file changed while it was being "
                                               "ingested"):
             source.check_files_unchanged()
+
+
+def test_the_same_tensors_chunked_differently_say_so(store: Store, rng):
+    from weightatlas.errors import SnapshotExistsError
+
+    records = [TensorRecord("w", rng.standard_normal((64, 64)).astype(np.float32))]
+    store.write(RecordsSource(records), "m", chunk_bytes=4096).close()
+    store.write(RecordsSource(records), "m", chunk_bytes=4096).close()  # same: a no-op
+    with pytest.raises(SnapshotExistsError, match=r"already exists with different tensors than "
+                       r"<memory> \(or the same tensors chunked differently: it was written "
+                       r"with chunks of 4096 bytes, this write uses 8192\)"):
+        store.write(RecordsSource(records), "m", chunk_bytes=8192)
+    other = [TensorRecord("w", rng.standard_normal((64, 64)).astype(np.float32))]
+    with pytest.raises(SnapshotExistsError) as e:
+        store.write(RecordsSource(other), "m", chunk_bytes=4096)
+    assert "chunked differently" not in str(e.value)

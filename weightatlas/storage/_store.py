@@ -317,7 +317,8 @@ class Store:
             if existing != "<unreadable>" and existing == scan_digest(
                     source, layout, model, step, tag, attached, report):
                 return Snapshot(final, identity)
-            raise SnapshotExistsError(self._conflict(final, label, source.label, existing))
+            raise SnapshotExistsError(
+                self._conflict(final, label, source.label, existing, chunk_bytes))
         created = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
         model_dir = os.path.dirname(final)
         make_dirs(model_dir, self.root)
@@ -335,7 +336,7 @@ class Store:
                     if existing == digest:
                         return Snapshot(final, identity)
                     raise SnapshotExistsError(
-                        self._conflict(final, label, source.label, existing))
+                        self._conflict(final, label, source.label, existing, chunk_bytes))
         return Snapshot(final, identity)
 
     def _existing_digest(self, path: str) -> str | None:
@@ -347,12 +348,19 @@ class Store:
             return "<unreadable>"
 
     @staticmethod
-    def _conflict(path: str, label: str, source: str, existing: str | None) -> str:
+    def _conflict(path: str, label: str, source: str, existing: str | None,
+                  chunk_bytes: int | None = None) -> str:
         if existing == "<unreadable>":
             return (f"{path}: snapshot {label} already exists and is damaged; run "
                     "`weightatlas verify`, then --overwrite to replace it")
-        return (f"{path}: snapshot {label} already exists with different tensors than {source}; "
-                "use another --step/--tag, or --overwrite to replace it")
+        hint = ""
+        with suppress(WeightAtlasError, OSError, TypeError, ValueError):
+            held = _footer_metadata(path).get("chunk_bytes")
+            if chunk_bytes is not None and held is not None and int(held) != chunk_bytes:
+                hint = (f" (or the same tensors chunked differently: it was written with chunks "
+                        f"of {int(held)} bytes, this write uses {chunk_bytes})")
+        return (f"{path}: snapshot {label} already exists with different tensors than {source}"
+                f"{hint}; use another --step/--tag, or --overwrite to replace it")
 
     # ---- removing and checking --------------------------------------------------------
     def rm(self, text: str) -> list[str]:
