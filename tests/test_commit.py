@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests._damage import flip_byte
 from weightatlas.errors import IntegrityError, SnapshotExistsError, StoreError
 from weightatlas.storage import RecordsSource, Snapshot, Store, TensorRecord
 from weightatlas.storage._commit import STAGING
@@ -155,14 +156,6 @@ def test_same_step_twice(store: Store, rng):
     np.testing.assert_array_equal(first.read("w"), a[0].data)
 
 
-def _flip(path: str, pos: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(pos)
-        byte = f.read(1)
-        f.seek(pos)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 def test_every_flipped_byte_is_caught_by_verify(tmp_path: Path, rng):
     root = tmp_path / "store"
     store = Store(root, create=True)
@@ -178,7 +171,7 @@ def test_every_flipped_byte_is_caught_by_verify(tmp_path: Path, rng):
     caught = 0
     for pos in positions:
         Path(snap.path).write_bytes(pristine)
-        _flip(snap.path, int(pos))
+        flip_byte(snap.path, int(pos))
         result = store.verify()
         assert result["other@1"] == []
         damaged = [k for k, v in result.items() if v and k != "other@1"]
@@ -194,7 +187,7 @@ def test_flipped_data_byte_raises_on_read_naming_snapshot_and_tensor(store: Stor
     snap.close()
     raw = Path(path).read_bytes()
     at = raw.find(data.tobytes()[:64])
-    _flip(path, at + 1000)
+    flip_byte(path, at + 1000)
     with Snapshot(path) as snap:
         with pytest.raises(IntegrityError, match=r"step-0.arrow: tensor 'fc.weight' \(chunk 0\) "
                            r"is damaged: checksum [0-9a-f]{32} does not match the stored"):

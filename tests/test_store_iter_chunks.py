@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._damage import flip_byte
 from weightatlas.errors import IntegrityError, NotFoundError, ShapeError
 from weightatlas.storage import RecordsSource, Snapshot, Store, TensorRecord
 
@@ -69,14 +70,6 @@ def test_bad_ranges_and_names_are_refused(snap):
         snap.iter_chunks("t00")
 
 
-def _flip(path: str, pos: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(pos)
-        byte = f.read(1)
-        f.seek(pos)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 def test_a_flipped_byte_ends_the_stream_before_its_chunk_is_handed_out(store: Store):
     data = np.arange(64 * 16, dtype=np.float32).reshape(64, 16)
     snap = store.write(RecordsSource([TensorRecord("w", data)]), "m",
@@ -84,7 +77,7 @@ def test_a_flipped_byte_ends_the_stream_before_its_chunk_is_handed_out(store: St
     path = snap.path
     snap.close()
     raw = Path(path).read_bytes()
-    _flip(path, raw.find(data[40].tobytes()) + 5)  # in the third chunk (rows 32-47)
+    flip_byte(path, raw.find(data[40].tobytes()) + 5)  # in the third chunk (rows 32-47)
     with Snapshot(path) as damaged:
         seen = []
         with pytest.raises(IntegrityError, match=r"tensor 'w' \(chunk 2\) is damaged: "

@@ -52,6 +52,7 @@ from weightatlas.storage._format import (
     FORMAT_VERSION,
     INFO_COLUMNS,
     MAX_CHUNK_ELEMENTS,
+    METADATA_KEY,
     SCHEMA,
     STAT_COLUMNS,
     encode_metadata,
@@ -297,13 +298,20 @@ def scan_digest(source: TensorSource, layout: Layout, model: str, step: int | No
     return digest.result(attached)
 
 
-def _hashed(source: TensorSource) -> list[SourceFile]:
+def _files_of(source: TensorSource, call: Callable[[], Any], doing: str) -> list[Any]:
+    """``call()`` (the source's files, hashed or listed), an ``OSError`` from it a
+    ``StoreError`` naming the source."""
     try:
-        return list(source.source_files())
+        return list(call())
     except WeightAtlasError:
         raise
     except OSError as e:
-        raise StoreError(f"{source.label}: cannot hash source files: {e}") from e
+        raise StoreError(f"{source.label}: cannot {doing} source files: "
+                         f"{e.strerror or e}") from e
+
+
+def _hashed(source: TensorSource) -> list[SourceFile]:
+    return _files_of(source, source.source_files, "hash")
 
 
 def snapshot_metadata(
@@ -385,13 +393,14 @@ def write_snapshot_file(
         if listed is None:
             files = _checked(source, _hashed(source))
         else:
-            planned = [(str(name), int(size)) for name, size in _listed(source, listed)]
+            planned = [(str(name), int(size)) for name, size in _files_of(source, listed, "list")]
             hashing = pool.submit(_hashed, source)
             files = [SourceFile(name, size, _LATER) for name, size in planned]
         meta = snapshot_metadata(layout, source, files, _LATER, model, step, tag, created,
                                  attached, facts)
-        schema = SCHEMA.with_metadata(encode_metadata(meta))
-        written = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
+        encoded = encode_metadata(meta)
+        schema = SCHEMA.with_metadata(encoded)
+        written = encoded[METADATA_KEY]  # the bytes finalize_file_checksum looks for
         header_len = 8 + len(schema.serialize())  # magic + schema message, written lazily
         digest = _ContentDigest()
         # Every row is hashed on its way to the file, so the whole-file checksum reads
@@ -445,7 +454,7 @@ def write_snapshot_file(
     content = digest.result(attached)
     meta = snapshot_metadata(layout, source, files, content, model, step, tag, created,
                              attached, facts)
-    final = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
+    final = encode_metadata(meta)[METADATA_KEY]
     _check_alignment(path)
     raw.remember()
     finalize_file_checksum(path, (written, final))
@@ -453,15 +462,6 @@ def write_snapshot_file(
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _listed(source: TensorSource, listed: Callable[[], Any]) -> list[tuple[str, int]]:
-    try:
-        return list(listed())
-    except WeightAtlasError:
-        raise
-    except OSError as e:
-        raise StoreError(f"{source.label}: cannot list source files: {e.strerror or e}") from e
 
 
 def _checked(source: TensorSource, files: list[SourceFile]) -> list[SourceFile]:
