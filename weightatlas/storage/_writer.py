@@ -388,8 +388,8 @@ def write_snapshot_file(
     ahead = 1 if getattr(source, "keeps_previous", False) else 0
     facts = dict(source.metadata())
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightatlas-sha256")
+    hashing: Future[list[SourceFile]] | None = None
     try:
-        hashing: Future[list[SourceFile]] | None = None
         if listed is None:
             files = _checked(source, _hashed(source))
         else:
@@ -447,8 +447,9 @@ def write_snapshot_file(
         if unchanged is not None:
             unchanged()  # the bytes written are those the sha256 was taken of
     except BaseException:
-        # The error is the user's now: a sha256 still running finishes on its own.
-        pool.shutdown(wait=False, cancel_futures=True)
+        # The error is the user's now: a sha256 still running finishes on its own (an
+        # idle thread is joined).
+        pool.shutdown(wait=hashing is None or hashing.done(), cancel_futures=True)
         raise
     pool.shutdown()
     content = digest.result(attached)
